@@ -1,0 +1,43 @@
+"""Training a backbone on its own objective: teacher pre-training and plain fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..diffusion import Objective, StepRandom
+from ..models.dit import DiT
+from .loop import TrainingJob
+
+
+def drop_labels(y: torch.Tensor, prob: float, null_class: int, random: StepRandom) -> torch.Tensor:
+    """Replace each label by the null class with probability `prob` (classifier-free guidance
+    training). Drawn from the step's randomness, so a student and its teacher can share it."""
+    if prob <= 0:
+        return y
+    drop = random.rand() < prob  # (N,)
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+class DenoisingJob(TrainingJob):
+    """Minimise the model's own objective (DiT diffusion loss or SiT velocity loss)."""
+
+    def __init__(self, model: DiT, objective: Objective, class_dropout_prob: float | None = None):
+        self.module = model
+        self.objective = objective
+        self.class_dropout_prob = model.config.class_dropout_prob if class_dropout_prob is None else class_dropout_prob
+        if self.class_dropout_prob > 0 and not model.config.has_null_class:
+            raise ValueError("label dropout needs a model with a null class (class_dropout_prob > 0 in its config)")
+
+    def compute_loss(self, module: nn.Module, batch: Any, random: StepRandom) -> tuple[torch.Tensor, dict[str, Any]]:
+        x0, y = batch  # (N, C, H, W), (N,)
+        t = self.objective.sample_timesteps(x0.shape[0], random)  # (N,)
+        noise = random.randn(*x0.shape[1:])  # (N, C, H, W)
+        y = drop_labels(y, self.class_dropout_prob, self.module.config.num_classes, random)
+        terms = self.objective.training_losses(lambda x, tt: module(x, tt, y), x0, t, noise)
+        logs = {"mse": terms["mse"].mean()}
+        if "vb" in terms:
+            logs["vb"] = terms["vb"].mean()
+        return terms["loss"].mean(), logs

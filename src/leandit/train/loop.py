@@ -1,0 +1,380 @@
+"""The one training loop. Every job that trains (teacher pre-training, mask learning,
+recovery fine-tuning, dynamic-width and routing fine-tuning) is a `TrainingJob` run by it.
+
+The loop owns what every job needs once: AdamW with per-group learning rates, a learning-rate
+schedule, EMA, gradient clipping, bf16 autocast on GPUs, a NaN/inf guard that skips a step on
+every process alike, periodic checkpoints with exact resume, a progress bar, a JSON-lines
+metrics log and DDP under torchrun.
+
+Determinism: data order (`StepBatches`) and the step's randomness (`StepRandom`) are pure
+functions of (seed, step) over the global batch, so an interrupted and resumed run reaches
+the same weights as an uninterrupted one, and K processes see what one process would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..diffusion.noise import StepRandom
+from .batches import StepBatches
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistEnv, all_gather_objects, all_reduce_, barrier, setup_distributed
+from .ema import EMA
+from .schedules import LR_SCHEDULES, lr_factor
+
+PRECISIONS = ("auto", "fp32", "bf16")
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class LoopConfig:
+    """Settings of the training loop (the job decides what is trained and on which loss).
+
+    Args:
+        steps: total optimisation steps of the run (explicit: no epoch arithmetic).
+        global_batch_size: images per step over all processes.
+        lr: base learning rate of parameter groups that do not set their own.
+        weight_decay, adam_betas: AdamW settings.
+        lr_schedule: "constant", "cosine" or "linear" (to `final_lr_ratio` at the end),
+            after `warmup_steps` of linear warm-up.
+        ema_decay: EMA decay; None keeps no EMA. `ema_warmup` ramps it up early in the run.
+        grad_clip: max global gradient norm; None or 0 disables clipping.
+        precision: "auto" (bf16 autocast on GPUs that support it, else fp32), "fp32", "bf16".
+        checkpoint_every: steps between checkpoints (the last step is always saved).
+        keep_checkpoints: how many recent checkpoints to keep (0 keeps all).
+        log_every: steps between metrics-log lines and progress-bar updates.
+        seed: seeds data order, noise, timesteps and label drops.
+        num_workers: DataLoader worker processes per training process.
+    """
+
+    steps: int
+    global_batch_size: int
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    final_lr_ratio: float = 1.0
+    ema_decay: float | None = 0.9999
+    ema_warmup: bool = False
+    grad_clip: float | None = 1.0
+    precision: str = "auto"
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.global_batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.global_batch_size}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r} (fp16 is not supported: use bf16)")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every and log_every must be at least 1")
+        self.adam_betas = tuple(self.adam_betas)
+
+
+class TrainingJob(ABC):
+    """What a training run optimises. Subclasses set `module` and implement `compute_loss`.
+
+    `module` holds everything trainable; the loop wraps it in DDP, keeps its EMA and
+    checkpoints it. `compute_loss(module, batch, random)` gets the (possibly DDP-wrapped)
+    module, the batch on the device and the step's `StepRandom`, and returns the scalar loss
+    and a dict of scalars to log.
+    """
+
+    module: nn.Module
+    find_unused_parameters: bool = False
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups; a group may set its own "lr" (e.g. mask logits at 10x)."""
+        return [{"params": [p for p in self.module.parameters() if p.requires_grad]}]
+
+    @abstractmethod
+    def compute_loss(self, module: nn.Module, batch: Any, random: StepRandom) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The scalar loss of this process's share of the batch, and scalars to log."""
+
+    def on_step_start(self, step: int, total_steps: int) -> None:
+        """Called before each step (for schedules such as a temperature)."""
+
+    def on_step_end(self, step: int, module: nn.Module, ema_module: nn.Module | None) -> dict[str, Any]:
+        """Called after each applied or skipped step; returned scalars are logged."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    skipped_steps: int
+    ema: nn.Module | None
+    run_dir: Path
+
+
+class Trainer:
+    def __init__(self, config: LoopConfig, run_dir: str | Path, *, dist: DistEnv | None = None, device: str = "auto", progress: bool = True):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.dist = dist or setup_distributed(device)
+        self.progress = progress
+        if config.global_batch_size % self.dist.world_size:
+            raise ValueError(f"batch size {config.global_batch_size} is not divisible by {self.dist.world_size} processes")
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _autocast(self):
+        use_bf16 = self.config.precision == "bf16" or (
+            self.config.precision == "auto" and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def _set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        c = self.config
+        factor = lr_factor(step, c.steps, c.lr_schedule, c.warmup_steps, c.final_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        return optimizer.param_groups[0]["lr"]
+
+    def _training_state(self, step: int, optimizer, skipped: int, ema: EMA | None, job: TrainingJob) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.dist.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.dist.device)
+        return {
+            "format": 1,
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "skipped_steps": skipped,
+            "ema": ema.state_dict() if ema else None,
+            "job": job.state_dict(),
+            "rng": all_gather_objects(rng),  # every process's own generator state
+            "world_size": self.dist.world_size,
+            "loop_config": dataclasses.asdict(self.config),
+        }
+
+    def _save(self, step, module, ema, optimizer, skipped, job) -> None:
+        state = self._training_state(step, optimizer, skipped, ema, job)
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir, step, module, ema.shadow if ema else None, state, self.config.keep_checkpoints)
+        barrier()
+
+    def _resume(self, module, ema, optimizer, job) -> tuple[int, int]:
+        folder = latest_checkpoint(self.run_dir)
+        if folder is None:
+            return 0, 0
+        state = load_checkpoint(folder, module, ema.shadow if ema else None)
+        saved = state.get("loop_config", {})
+        for key in ("global_batch_size", "seed"):
+            if saved.get(key) != getattr(self.config, key):
+                raise ValueError(
+                    f"cannot resume {folder}: it was trained with {key}={saved.get(key)}, this run asks "
+                    f"{key}={getattr(self.config, key)}; use the same value or a new output folder"
+                )
+        optimizer.load_state_dict(state["optimizer"])
+        if ema and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        job.load_state_dict(state.get("job", {}))
+        rngs = state.get("rng", [])
+        if len(rngs) == self.dist.world_size:
+            torch.set_rng_state(rngs[self.dist.rank]["cpu"])
+            if "cuda" in rngs[self.dist.rank] and self.dist.device.type == "cuda":
+                torch.cuda.set_rng_state(rngs[self.dist.rank]["cuda"], self.dist.device)
+        if self.dist.is_main:
+            print(f"resuming from {folder} (step {state['step']})", file=sys.stderr, flush=True)
+        return int(state["step"]), int(state.get("skipped_steps", 0))
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines past the resumed step (written after the last checkpoint)."""
+        path = self.run_dir / METRICS_FILE
+        if not (self.dist.is_main and path.exists()):
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(
+        self,
+        job: TrainingJob,
+        dataset: Dataset,
+        *,
+        resume: bool = True,
+        collate_fn: Callable | None = None,
+        stop_after: int | None = None,
+    ) -> TrainResult:
+        """Train `job.module` on `dataset` for `config.steps` steps (resuming if possible).
+
+        `stop_after` ends this invocation after that many steps (with a checkpoint), leaving
+        the run resumable: for time-sliced jobs and for testing resume.
+        """
+        c, d = self.config, self.dist
+        torch.manual_seed(c.seed * 1000 + d.rank)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        module = job.module.to(d.device)
+        ema = EMA(module, c.ema_decay, c.ema_warmup) if c.ema_decay is not None else None
+        groups = job.parameter_groups()
+        for group in groups:
+            group.setdefault("lr", c.lr)
+            group["base_lr"] = group["lr"]
+        params = [p for g in groups for p in g["params"]]
+        if not params:
+            raise ValueError("the job has no trainable parameters")
+        optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay)
+
+        start, skipped = self._resume(module, ema, optimizer, job) if resume else (0, 0)
+        self._truncate_metrics(start)
+        if start >= c.steps:
+            return TrainResult(start, skipped, ema.shadow if ema else None, self.run_dir)
+        end = c.steps if stop_after is None else min(c.steps, start + stop_after)
+
+        train_module: nn.Module = module
+        if d.distributed:
+            train_module = DistributedDataParallel(
+                module,
+                device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                find_unused_parameters=job.find_unused_parameters,
+            )
+        batches = StepBatches(
+            len(dataset), c.global_batch_size, seed=c.seed, rank=d.rank, world_size=d.world_size, start_step=start, total_steps=end
+        )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=c.num_workers,
+            pin_memory=d.device.type == "cuda",
+            collate_fn=collate_fn,
+            persistent_workers=False,
+        )
+        bar = tqdm(total=c.steps, initial=start, disable=not (d.is_main and self.progress), desc="train", dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        count, last_time = 0, time.perf_counter()
+        metrics = open(self.run_dir / METRICS_FILE, "a") if d.is_main else None
+        interrupt = _InterruptFlag()
+        try:
+            module.train()
+            for step, batch in zip(range(start, end), loader):
+                job.on_step_start(step, c.steps)
+                lr = self._set_lr(optimizer, step)
+                batch = _to_device(batch, d.device)
+                random = StepRandom(c.seed, step, c.global_batch_size, d.rank, d.world_size, d.device)
+                with self._autocast():
+                    loss, logs = job.compute_loss(train_module, batch, random)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip else math.inf, foreach=True)
+                # Every process must take the same decisions, or DDP replicas drift apart:
+                # [any process saw a non-finite loss or gradient, any process was interrupted].
+                bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+                flags = torch.tensor([float(bad), float(interrupt.raised)], device=d.device)
+                skip, stop = (all_reduce_(flags, "max") > 0).tolist()
+                if skip:
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    optimizer.step()
+                    if ema:
+                        ema.update(module)
+                logs = {**logs, **job.on_step_end(step, module, ema.shadow if ema else None)}
+                if not skip:
+                    _accumulate(sums, {"loss": loss, "grad_norm": grad_norm, **logs})
+                count += 1
+                done = step + 1
+                if done % c.log_every == 0 or done == end or stop:
+                    record = self._reduce_logs(sums)
+                    now = time.perf_counter()
+                    record.update(
+                        step=done,
+                        epoch=batches.epoch_of(step),
+                        lr=lr,
+                        skipped_steps=skipped,
+                        steps_per_s=count / (now - last_time),
+                        images_per_s=count * c.global_batch_size / (now - last_time),
+                    )
+                    if metrics:
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}", skipped=skipped)
+                    sums, count, last_time = {}, 0, now
+                bar.update(1)
+                if done % c.checkpoint_every == 0 or done == end or stop:
+                    self._save(done, module, ema, optimizer, skipped, job)
+                if stop:
+                    if d.is_main:
+                        print(f"\ninterrupted: checkpoint saved at step {done}; run the same command to resume", file=sys.stderr, flush=True)
+                    raise KeyboardInterrupt
+        finally:
+            interrupt.restore()
+            bar.close()
+            if metrics:
+                metrics.close()
+        return TrainResult(end, skipped, ema.shadow if ema else None, self.run_dir)
+
+    def _reduce_logs(self, sums: dict[str, float]) -> dict[str, float]:
+        """Means over the interval's applied steps on all processes."""
+        keys = sorted(sums)
+        if not keys:
+            return {}
+        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        totals = dict(zip(keys, all_reduce_(values, "sum").tolist()))
+        n = totals.pop("_n")
+        return {k: v / n for k, v in totals.items()}
+
+
+class _InterruptFlag:
+    """Turns the first Ctrl-C into a flag the loop acts on at the end of the step, so the
+    checkpoint it saves is exact; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+        self.restore()
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _accumulate(sums: dict[str, float], logs: dict[str, Any]) -> None:
+    for key, value in logs.items():
+        value = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+        sums[key] = sums.get(key, 0.0) + value
+    sums["_n"] = sums.get("_n", 0.0) + 1.0
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
