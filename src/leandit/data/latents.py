@@ -1,0 +1,277 @@
+"""Sharded VAE latents on disk: the writer's file format and `LatentShardDataset`.
+
+A folder written by `leandit extract-features` holds
+
+    index.json                 metadata of the whole extraction (written once, by rank 0)
+    shard-00000.safetensors    images [0, S) of the sorted file list
+    shard-00001.safetensors    images [S, 2S) ...
+
+Each shard holds `latents` (n, V, C, h, w) - V = 2 when variant 1 is the latent of the
+horizontally flipped image, V = 1 without flips - `labels` (n,) int64 and `indices` (n,) int64,
+the global index of each image. Many latents per file keep ImageNet at ~1250 files instead
+of 1.28 M. Every file is written under a temporary name and renamed into place, so a shard
+that exists is complete; an interrupted extraction shows as missing shards, never as a
+truncated one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+FORMAT = "leandit-latent-shards"
+VERSION = 1
+INDEX_FILE = "index.json"
+HEADER_KEY = "leandit"  # the shard's own metadata (JSON) in the safetensors header
+SHARD_PATTERN = "shard-{:05d}.safetensors"
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+# The fields that decide what a shard contains: a resume may only add shards to a folder
+# whose index agrees on all of them, and each shard carries their hash to prove it.
+SETTINGS_FIELDS = (
+    "format",
+    "version",
+    "latent_shape",
+    "variants",
+    "flip",
+    "dtype",
+    "shard_size",
+    "num_images",
+    "files_sha256",
+    "class_names",
+    "resolution",
+    "scale_factor",
+    "seed",
+)
+
+_RERUN = "rerun 'leandit extract-features' with the same options to complete it"
+
+
+def shard_name(k: int) -> str:
+    return SHARD_PATTERN.format(k)
+
+
+def num_shards(num_images: int, shard_size: int) -> int:
+    return math.ceil(num_images / shard_size)
+
+
+def shard_rows(k: int, num_images: int, shard_size: int) -> int:
+    """How many images shard k holds (the last shard may be short)."""
+    return min(shard_size, num_images - k * shard_size)
+
+
+def settings_id(meta: dict[str, Any]) -> str:
+    """A short hash of the fields that decide a shard's content."""
+    blob = json.dumps({k: meta.get(k) for k in SETTINGS_FIELDS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)`, flush it to disk, then rename it to `path`.
+
+    The temporary file lives in the same folder (so the rename is atomic) and starts with a
+    dot, so readers that glob for shards never see it.
+    """
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        # safetensors creates files as 0600; give them the usual umask mode so a team can read them.
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_index(folder: Path, meta: dict[str, Any]) -> None:
+    """Write `index.json` atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+
+    atomic_write(folder / INDEX_FILE, write)
+
+
+def read_index(folder: Path) -> dict[str, Any]:
+    """The metadata of a shard folder, with a one-line error when there is none."""
+    folder = Path(folder)
+    path = folder / INDEX_FILE
+    if not path.exists():
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no latent folder at {folder}: run 'leandit extract-features IMAGES --vae VAE --out {folder}' first")
+        if any(folder.glob("shard-*.safetensors")):
+            raise FileNotFoundError(f"{folder} has latent shards but no {INDEX_FILE}: the extraction did not finish; {_RERUN}")
+        raise FileNotFoundError(
+            f"no latent shards in {folder} (no {INDEX_FILE}): run 'leandit extract-features IMAGES --vae VAE --out {folder}' first"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path}: {err}; delete the folder and rerun 'leandit extract-features'") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a leandit latent index (format {FORMAT!r}); pass a folder written by 'leandit extract-features'")
+    if meta.get("version") != VERSION:
+        raise ValueError(
+            f"{path} has format version {meta.get('version')}, this leandit reads version {VERSION}; "
+            "rerun 'leandit extract-features' into a new folder"
+        )
+    return meta
+
+
+def write_shard(
+    folder: Path, k: int, latents: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, meta: dict[str, Any]
+) -> Path:
+    """Write shard k atomically; `latents` (n, V, C, h, w) is stored in `meta["dtype"]`."""
+    n = latents.shape[0]
+    expected = (n, meta["variants"], *meta["latent_shape"])
+    if tuple(latents.shape) != expected or labels.shape != (n,) or indices.shape != (n,):
+        raise ValueError(f"shard {k}: latents {tuple(latents.shape)} do not match the expected {expected}")
+    tensors = {
+        "latents": latents.to(DTYPES[meta["dtype"]]).contiguous().cpu(),
+        "labels": labels.to(torch.int64).contiguous().cpu(),
+        "indices": indices.to(torch.int64).contiguous().cpu(),
+    }
+    # One metadata key: safetensors writes its metadata map in arbitrary order, and a single
+    # entry keeps shard files byte-identical however and wherever they were computed.
+    header = {HEADER_KEY: json.dumps({"format": FORMAT, "version": VERSION, "shard": k, "settings_id": settings_id(meta)}, sort_keys=True)}
+    path = Path(folder) / shard_name(k)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return path
+
+
+def shard_problem(path: Path, k: int, meta: dict[str, Any]) -> str | None:
+    """Why shard file `path` is not shard k of the extraction `meta` (None when it is).
+
+    Reads only the file's header, so checking every shard of ImageNet takes a second.
+    """
+    n = shard_rows(k, meta["num_images"], meta["shard_size"])
+    want = {
+        "latents": [n, meta["variants"], *meta["latent_shape"]],
+        "labels": [n],
+        "indices": [n],
+    }
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get(HEADER_KEY, "{}"))
+            if header.get("settings_id") != settings_id(meta):
+                return "was written with other settings than index.json"
+            if set(f.keys()) != set(want):
+                return f"holds tensors {sorted(f.keys())}, expected {sorted(want)}"
+            for name, shape in want.items():
+                got = list(f.get_slice(name).get_shape())
+                if got != shape:
+                    return f"holds {name} of shape {tuple(got)}, index.json implies {tuple(shape)}"
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        return f"cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return None
+
+
+class LatentShardDataset(Dataset):
+    """(latent (C, h, w) float32, label int64) items from a folder of latent shards.
+
+    Item k is variant k % V of image k // V: the flip of an image is a separate item, so
+    which latent an index names never depends on randomness, and the training loop can
+    resume exactly from a step number. Shards are opened lazily with `safe_open`
+    (memory-mapped; only the rows asked for are read) and kept in a small per-process
+    cache, so the data set works in DataLoader workers and does not hold the data in RAM.
+    """
+
+    max_open_shards = 64  # bounds open memory maps per worker; ImageNet has ~1250 shards
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        meta = read_index(self.folder)
+        self.meta = meta
+        self.latent_shape: tuple[int, int, int] = tuple(meta["latent_shape"])
+        self.num_classes: int = int(meta["num_classes"])
+        self.class_names: list[str] = list(meta["class_names"])
+        self.scale_factor: float = float(meta["scale_factor"])
+        self.variants: int = int(meta["variants"])
+        self.num_images: int = int(meta["num_images"])
+        self.shard_size: int = int(meta["shard_size"])
+        self.num_shards = num_shards(self.num_images, self.shard_size)
+        self._check_shards()
+        self._handles: OrderedDict[int, Any] = OrderedDict()
+        self._pid = os.getpid()
+
+    def _check_shards(self) -> None:
+        missing = [k for k in range(self.num_shards) if not (self.folder / shard_name(k)).exists()]
+        if missing:
+            shown = ", ".join(str(k) for k in missing[:8]) + (", ..." if len(missing) > 8 else "")
+            raise FileNotFoundError(
+                f"{self.folder} is incomplete: {len(missing)} of {self.num_shards} shards are missing ({shown}), "
+                f"as from an extraction that has not finished; {_RERUN}"
+            )
+        for k in range(self.num_shards):
+            path = self.folder / shard_name(k)
+            problem = shard_problem(path, k, self.meta)
+            if problem:
+                raise ValueError(f"shard {path} {problem}; delete it and {_RERUN}")
+
+    def __len__(self) -> int:
+        return self.num_images * self.variants
+
+    def _shard(self, k: int):
+        # A handle opened before a fork must not be shared with the child: start afresh.
+        if self._pid != os.getpid():
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        handle = self._handles.get(k)
+        if handle is None:
+            handle = safe_open(str(self.folder / shard_name(k)), framework="pt")
+            self._handles[k] = handle
+            if len(self._handles) > self.max_open_shards:
+                self._handles.popitem(last=False)
+        else:
+            self._handles.move_to_end(k)
+        return handle
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        image, variant = divmod(index, self.variants)
+        k, row = divmod(image, self.shard_size)
+        f = self._shard(k)
+        latent = f.get_slice("latents")[row, variant].to(torch.float32)
+        label = f.get_slice("labels")[row].to(torch.int64)
+        return latent, label
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open handles cannot be pickled (spawn/forkserver workers): each worker reopens.
+        state = self.__dict__.copy()
+        state["_handles"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return (
+            f"LatentShardDataset({str(self.folder)!r}: {self.num_images} images x {self.variants} variants, "
+            f"latents {self.latent_shape}, {self.num_classes} classes)"
+        )
