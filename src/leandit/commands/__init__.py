@@ -1,0 +1,1 @@
+"""One module per `leandit` command: `add_parser(subparsers)` registers it, `run(args)` runs it."""

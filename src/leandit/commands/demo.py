@@ -1,0 +1,31 @@
+"""`leandit demo`: the whole story on the embedded digits teacher, on a CPU in minutes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..demo import run_demo
+from ..train.distributed import resolve_device
+from .common import log
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the end-to-end demo on the embedded digits teacher and write report.md",
+        description="Run the demo on the embedded digits teacher: describe it, sample it, check the samples "
+        "with a digits classifier and write report.md. Finished stages are reused on a rerun.",
+    )
+    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
+    p.add_argument("--redo", action="append", default=[], metavar="STAGE",
+                   help="rerun this stage even if its result exists (repeatable; 'all' reruns everything)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = run_demo(args.out, redo=set(args.redo), device=resolve_device(args.device), progress=not args.quiet, log=log)
+    print(f"report written to {report}")
+    return 0

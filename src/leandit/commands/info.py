@@ -1,0 +1,70 @@
+"""`leandit info`: what a model is: architecture, parameters, FLOPs, what was compressed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..models.flops import count_parameters, forward_flops
+from .common import add_model_options, open_model
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "info",
+        help="architecture, parameter count, FLOPs per forward and compression history of a model",
+        description="Describe a model folder, a DiT/SiT checkpoint file or a named size (e.g. DiT-XL/2). "
+        "FLOPs count 2 per multiply-accumulate, attention included; the DiT paper's 'Gflops' are the MACs.",
+    )
+    p.add_argument("model", help="model folder, checkpoint file (.pt/.safetensors) or named size")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size of the counted forward pass (default 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_model_options(p)
+    p.set_defaults(run=run)
+
+
+def describe(model, batch_size: int = 1) -> dict:
+    flops = forward_flops(model, batch_size)
+    return {
+        "source": getattr(model, "source", None) or model.config.name,
+        "architecture": model.config.to_dict(),
+        "tokens": model.config.num_tokens,
+        "parameters": count_parameters(model),
+        "batch_size": batch_size,
+        "flops_per_forward": flops,
+        "macs_per_forward": flops // 2,
+        "compression": getattr(model, "compression", None) or [],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model = open_model(args.model, args, device="cpu", allow_random=True)
+    info = describe(model, args.batch_size)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = model.config
+    print(f"model       {info['source']}")
+    print(f"network     DiT, {c.depth} blocks, hidden {c.hidden_size}, {c.num_heads} heads, MLP x{c.mlp_ratio:g}, "
+          f"patch {c.patch_size}, {info['tokens']} tokens")
+    print(f"input       {c.in_channels} x {c.input_size} x {c.input_size} ({c.space} space), {c.num_classes} classes"
+          + (" + null class" if c.has_null_class else ""))
+    print(f"objective   {c.objective}" + (" with learned sigma" if c.learn_sigma else ""))
+    print(f"parameters  {info['parameters']:,} ({info['parameters'] / 1e6:.2f} M)")
+    print(f"compute     {info['macs_per_forward'] / 1e9:.3f} GMACs = {info['flops_per_forward'] / 1e9:.3f} GFLOPs "
+          f"per forward at batch {args.batch_size}")
+    history = info["compression"]
+    if not history:
+        print("compression none (an uncompressed model)")
+    for i, record in enumerate(history, 1):
+        method = record.get("method", "?")
+        kept = record.get("kept_indices")
+        line = f"compression {i}. {method}"
+        if kept is not None:
+            line += f": kept {len(kept)} of {record.get('source_depth', '?')} blocks {kept}"
+        if record.get("source"):
+            line += f" from {record['source']}"
+        print(line)
+    return 0

@@ -1,0 +1,207 @@
+"""`leandit train`: train or fine-tune a backbone on its own objective with the one loop.
+
+Settings come from, in order of precedence: the command line, a recipe file (`--recipe`,
+JSON whose keys are the option names with underscores), and the defaults below. The resolved
+settings are written to `<out>/run.json` so that a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..data import open_training_data
+from ..diffusion import make_objective
+from ..models import NAMED_CONFIGS, build_model, save_model
+from ..train import DenoisingJob, LoopConfig, Trainer, setup_distributed, teardown_distributed
+from ..train.distributed import barrier
+from ..train.loop import PRECISIONS
+from ..train.schedules import LR_SCHEDULES
+from .common import add_model_options, log, open_model
+
+# Every setting a recipe may hold, with its default (None: required).
+DEFAULTS: dict[str, Any] = {
+    "model": None,
+    "model_overrides": {},
+    "data": None,
+    "steps": None,
+    "batch_size": 256,
+    "lr": 1e-4,
+    "weight_decay": 0.0,
+    "lr_schedule": "constant",
+    "warmup_steps": 0,
+    "final_lr_ratio": 1.0,
+    "ema_decay": 0.9999,
+    "ema_warmup": False,
+    "grad_clip": 1.0,
+    "precision": "auto",
+    "class_dropout": None,
+    "checkpoint_every": 1000,
+    "keep_checkpoints": 2,
+    "log_every": 10,
+    "seed": 0,
+    "num_workers": 0,
+    "device": "auto",
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune a DiT/SiT on its own objective",
+        description="Train a backbone (a named size with fresh weights, or a model to fine-tune) on the "
+        "embedded digits or on latent shards. Resumes automatically from the newest checkpoint in --out; "
+        "Ctrl-C saves a checkpoint at the end of the current step. Runs on many GPUs with torchrun.",
+    )
+    p.add_argument("--recipe", type=Path, help="JSON file of settings (keys = option names with underscores); the command line overrides it")
+    p.add_argument("--model", help="named size to train from scratch (e.g. DiT-S/2, SiT-XL/2) or a model folder / checkpoint to fine-tune")
+    p.add_argument("--set", dest="set_fields", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of a named size's config, e.g. --set depth=14 --set in_channels=1 (repeatable)")
+    p.add_argument("--data", help="'digits' (the embedded 8x8 digits) or a folder of latent shards from extract-features")
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints/, metrics.jsonl, run.json and the final model/")
+    p.add_argument("--steps", type=int, help="total optimisation steps (required)")
+    p.add_argument("--batch-size", type=int, help=f"global batch size over all processes (default {DEFAULTS['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {DEFAULTS['lr']})")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="learning-rate schedule after warm-up (default constant)")
+    p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps (default 0)")
+    p.add_argument("--final-lr-ratio", type=float, help="learning rate at the end as a fraction of --lr, for cosine/linear (default 1)")
+    p.add_argument("--ema-decay", type=float, help=f"EMA decay; 0 disables the EMA (default {DEFAULTS['ema_decay']})")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="ramp the EMA decay up as min(decay, (1+n)/(10+n)) (default off)")
+    p.add_argument("--grad-clip", type=float, help="max gradient norm; 0 disables clipping (default 1.0)")
+    p.add_argument("--precision", choices=PRECISIONS, help="auto = bf16 autocast on GPUs that support it, else fp32 (default auto)")
+    p.add_argument("--class-dropout", type=float, help="label-dropout probability for guidance training (default: the model config's)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 1000; the last step is always saved)")
+    p.add_argument("--keep-checkpoints", type=int, help="how many recent checkpoints to keep; 0 keeps all (default 2)")
+    p.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines (default 10)")
+    p.add_argument("--seed", type=int, help="seed of data order, noise, timesteps and label drops (default 0)")
+    p.add_argument("--num-workers", type=int, help="data-loading worker processes per training process (default 0)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--stop-after", type=int, default=None, help="end this invocation after N more steps (resumable), e.g. to time-slice a long run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_options(p)
+    p.set_defaults(run=run)
+
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Command line > recipe > defaults, with the model overrides merged."""
+    recipe: dict[str, Any] = {}
+    if args.recipe is not None:
+        if not args.recipe.exists():
+            raise FileNotFoundError(f"recipe not found: {args.recipe}")
+        try:
+            recipe = json.loads(args.recipe.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{args.recipe}: not valid JSON ({err})") from None
+        unknown = sorted(set(recipe) - set(DEFAULTS) - {"description"})
+        if unknown:
+            raise ValueError(f"{args.recipe}: unknown settings {unknown}; known: {sorted(DEFAULTS)}")
+    settings = {}
+    for key, default in DEFAULTS.items():
+        given = getattr(args, key, None)
+        settings[key] = given if given is not None else recipe.get(key, default)
+    overrides = dict(settings["model_overrides"])
+    for item in args.set_fields:
+        if "=" not in item:
+            raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
+        field, value = item.split("=", 1)
+        overrides[field.strip()] = _parse_value(value)
+    settings["model_overrides"] = overrides
+    for key in ("model", "data", "steps"):
+        if settings[key] is None:
+            raise ValueError(f"--{key} is required (on the command line or in the recipe)")
+    return settings
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def run(args: argparse.Namespace) -> int:
+    s = resolve_settings(args)
+    dist = setup_distributed(s["device"])
+    try:
+        if s["model"] in NAMED_CONFIGS:
+            torch.manual_seed(s["seed"])  # the same command gives the same initial weights
+            model = build_model(s["model"], **s["model_overrides"])
+        else:
+            if s["model_overrides"]:
+                raise ValueError("--set/model_overrides apply to named sizes only, not to a model loaded from a file")
+            model = open_model(s["model"], args)
+        dataset = open_training_data(s["data"])
+        _check_data_fits(model, dataset, s["data"])
+        config = LoopConfig(
+            steps=s["steps"],
+            global_batch_size=s["batch_size"],
+            lr=s["lr"],
+            weight_decay=s["weight_decay"],
+            lr_schedule=s["lr_schedule"],
+            warmup_steps=s["warmup_steps"],
+            final_lr_ratio=s["final_lr_ratio"],
+            ema_decay=s["ema_decay"] or None,
+            ema_warmup=bool(s["ema_warmup"]),
+            grad_clip=s["grad_clip"] or None,
+            precision=s["precision"],
+            checkpoint_every=s["checkpoint_every"],
+            keep_checkpoints=s["keep_checkpoints"],
+            log_every=s["log_every"],
+            seed=s["seed"],
+            num_workers=s["num_workers"],
+        )
+        job = DenoisingJob(model, make_objective(model.config), s["class_dropout"])
+        if dist.is_main:
+            _write_run_record(args.out, s, model, dist.world_size)
+            log(f"training {model.config.name or s['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) "
+                f"on {s['data']} ({len(dataset)} items) for {s['steps']} steps on {dist.world_size} x {dist.device}")
+        started = time.perf_counter()
+        result = Trainer(config, args.out, dist=dist, progress=not args.quiet).fit(job, dataset, stop_after=args.stop_after)
+        if dist.is_main:
+            minutes = (time.perf_counter() - started) / 60
+            if result.steps >= config.steps:
+                final = save_model(model, args.out / "model", ema=result.ema, extra={"trained_steps": result.steps})
+                log(f"done: {result.steps} steps ({result.skipped_steps} skipped) in {minutes:.1f} min; model saved to {final}")
+            else:
+                log(f"stopped at step {result.steps} of {config.steps} after {minutes:.1f} min; run the same command to continue")
+        barrier()
+    finally:
+        teardown_distributed()
+    return 0
+
+
+def _check_data_fits(model, dataset, name: str) -> None:
+    x, y = dataset[0]
+    c = model.config
+    expected = (c.in_channels, c.input_size, c.input_size)
+    if tuple(x.shape) != expected:
+        raise ValueError(
+            f"data {name} has items of shape {tuple(x.shape)} but the model takes {expected}; "
+            "pick a model size that fits (e.g. --set input_size=... --set in_channels=...)"
+        )
+    classes = getattr(dataset, "num_classes", None) or (int(dataset.tensors[1].max()) + 1 if hasattr(dataset, "tensors") else None)
+    if classes is not None and classes > c.num_classes:
+        raise ValueError(f"data {name} has {classes} classes but the model has {c.num_classes}; use --set num_classes={classes}")
+
+
+def _write_run_record(out: Path, settings: dict[str, Any], model, world_size: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "settings": settings,
+        "model_config": model.config.to_dict(),
+        "world_size": world_size,
+        "leandit": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
