@@ -119,7 +119,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     bad_recipe.write_text(json.dumps({"modle": "DiT-S/2"}))
     assert "unknown settings ['modle']" in error_of(["train", "--recipe", str(bad_recipe), "--out", str(tmp_path / "x")], capsys)
     assert "--steps is required" in error_of(["train", "--model", "DiT-S/2", "--data", "digits", "--out", str(tmp_path / "x")], capsys)
-    err = error_of(["train", "--model", "DiT-S/2", "--data", "digits", "--steps", "1", "--out", str(tmp_path / "x")], capsys)
+    err = error_of(["train", "--model", "DiT-S/2", "--space", "pixel", "--data", "digits", "--steps", "1", "--out", str(tmp_path / "x")], capsys)
     assert "shape (1, 8, 8)" in err and "(4, 32, 32)" in err
     assert "data not found" in error_of(["train", *tiny_train_args(tmp_path / "x")[1:], "--data", str(tmp_path / "nothing")], capsys)
 
@@ -131,6 +131,16 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     assert "pass --vae" in error_of(["sample", "DiT-S/8", "--out", str(tmp_path / "s"), "--device", "cpu"], capsys)
     assert "does not fit a diffusion model" in error_of(["sample", str(folder), "--sampler", "heun", "--out", str(tmp_path / "s"),
                                                          "--device", "cpu", "--quiet"], capsys)
+    assert "depth must be int, got 'abc'" in error_of(["train", *tiny_train_args(tmp_path / "x")[1:], "--set", "depth=abc"], capsys)
+    assert "depth must be int, got 2.5" in error_of(["train", *tiny_train_args(tmp_path / "x")[1:], "--set", "depth=2.5"], capsys)
+    assert "pixel space but the model is set up for latent" in error_of(
+        ["train", "--model", "DiT-S/2", "--set", "input_size=8", "--set", "in_channels=1", "--data", "digits",
+         "--steps", "1", "--out", str(tmp_path / "x")], capsys)
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in error_of(["sample", str(folder), "--device", "cuda", "--out", str(tmp_path / "s")], capsys)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert "is a file" in error_of([*tiny_train_args(a_file)], capsys)
     corrupt = tmp_path / "DiT-XL-2-256x256.pt"
     corrupt.write_bytes(b"PK\x03\x04 truncated download")
     assert "not a readable PyTorch checkpoint" in error_of(["info", str(corrupt)], capsys)

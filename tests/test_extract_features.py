@@ -39,8 +39,6 @@ IMAGES = [
 ]
 
 
-
-
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
     from diffusers import AutoencoderKL
@@ -280,7 +278,7 @@ def test_command_parser_and_run(image_root, vae_dir, tmp_path, capsys):
     assert "encoded 10 images into 2 shards" in line and "complete" in line and "\n" not in line
     assert len(LatentShardDataset(tmp_path)) == 10
     args.batch_size = 0
-    with pytest.raises(ValueError, match="--batch-size must be at least 1"):
+    with pytest.raises(ValueError, match="batch size must be at least 1"):
         args.run(args)
 
 
@@ -308,3 +306,39 @@ def test_cli_help_and_errors(image_root, tmp_path, capsys):
     assert cli.main(["extract-features", str(image_root), "--vae", str(tmp_path / "no-vae"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("leandit extract-features: error: no VAE at") and "\n" not in err
+
+
+def test_latent_pipeline_extract_train_sample(vae_dir, image_root, tmp_path):
+    """A user's real-data path end to end: images -> latent shards -> train a latent DiT ->
+    sample it and decode with the same VAE into RGB images."""
+    from leandit.cli import main
+
+    shards = tmp_path / "latents"
+    assert main(["extract-features", str(image_root), "--vae", str(vae_dir), "--out", str(shards),
+                 "--resolution", str(RES), "--shard-size", "4", "--quiet", "--device", "cpu"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--model", "DiT-S/2", "--set", "input_size=16", "--set", "in_channels=4", "--set", "hidden_size=32",
+                 "--set", "num_heads=2", "--set", "depth=1", "--set", "num_classes=2", "--data", str(shards),
+                 "--steps", "2", "--batch-size", "4", "--device", "cpu", "--out", str(run), "--quiet"]) == 0
+    samples = tmp_path / "samples"
+    assert main(["sample", str(run / "model"), "--vae", str(vae_dir), "--num", "3", "--steps", "2", "--device", "cpu",
+                 "--out", str(samples), "--quiet"]) == 0
+    with np.load(samples / "samples.npz") as f:
+        assert f["arr_0"].shape == (3, RES, RES, 3) and f["arr_0"].dtype == np.uint8
+        assert f["arr_1"].tolist() == [0, 1, 0]
+
+
+def test_resume_with_another_vae_of_the_same_shape_is_refused(vae_dir, image_root, tmp_path):
+    """sd-vae-ft-ema and sd-vae-ft-mse share config and shapes: a resume must not mix them."""
+    from diffusers import AutoencoderKL
+
+    out = tmp_path / "latents"
+    extract_features(image_root, vae_dir, out, resolution=RES, shard_size=4, device="cpu", progress=False)
+    other = AutoencoderKL.from_pretrained(str(vae_dir))
+    with torch.no_grad():
+        other.decoder.conv_out.bias.add_(0.5)  # another fine-tune of the same architecture
+    other_dir = tmp_path / "other-vae"
+    other.save_pretrained(other_dir)
+    (out / fmt.shard_name(1)).unlink()
+    with pytest.raises(ValueError, match="vae_sha256"):
+        extract_features(image_root, other_dir, out, resolution=RES, shard_size=4, device="cpu", progress=False)

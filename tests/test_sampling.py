@@ -81,3 +81,42 @@ def test_uint8_conversion_npz_layout_and_grid(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary file left
     grid = Image.open(save_grid(tmp_path / "g.png", batch, ncols=3))
     assert grid.size == (3 * 65 + 1, 2 * 65 + 1)  # 8px enlarged x8 to 64, 1px padding
+
+
+def test_blocks_receive_the_timestep_embedding_and_wrappers_see_it():
+    """Wrappers keyed on the timestep alone (DyDiT, DiffCR) get t_emb through the block call."""
+    m = model()
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x, c, **kwargs):
+            seen.append(kwargs["t_emb"])
+            return self.block(x, c, **kwargs)
+
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([5, 50, 500]), torch.tensor([1, 2, 3])
+    before = m(x, t, y)
+    m.blocks[1] = Spy(m.blocks[1])
+    assert torch.equal(m(x, t, y), before)
+    assert torch.equal(seen[0], m.t_embedder(t))
+
+
+def test_original_checkpoint_files_guide_three_of_four_channels(tmp_path):
+    from leandit.models import build_model, load_model
+
+    torch.manual_seed(0)
+    latent = randomize_(build_model("DiT-S/8", input_size=16, depth=1, num_classes=5), std=0.05)
+    torch.save(latent.state_dict(), tmp_path / "DiT-S-8.pt")
+    loaded = load_model(tmp_path / "DiT-S-8.pt").eval()
+    assert loaded.config.guided_channels == 3
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 4])
+    cond, uncond = loaded(x, t, y), loaded(x, t, torch.full_like(y, 5))
+    guided = loaded.forward_with_cfg(x, t, y, 4.0)
+    assert torch.allclose(guided[:, :3], uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(guided[:, 3:], cond[:, 3:], atol=1e-5)
+    assert latent.config.guided_channels is None  # leandit's own models guide every channel
+    assert build_model("DiT-S/2", depth=3).config.name == "DiT-S/2 (custom)"
+    assert build_model("DiT-S/2", space="pixel").config.name == "DiT-S/2"

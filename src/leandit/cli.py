@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("leandit: interrupted", file=sys.stderr)
         return 130
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, OSError, ValueError) as err:
         if os.environ.get("LEANDIT_DEBUG"):
             raise
         print(f"leandit {args.command}: error: {err} (set LEANDIT_DEBUG=1 for a traceback)", file=sys.stderr)

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from ..models import NAMED_CONFIGS, DiT, build_model, load_model
 from ..models.config import OBJECTIVES, SPACES
 
@@ -46,10 +48,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def open_model(spec: str, args: argparse.Namespace, device="cpu", allow_random: bool = False) -> DiT:
     """A model from a folder or checkpoint file; a named config ("DiT-XL/2") gives random
-    weights when `allow_random` (for speed and size questions)."""
+    weights when `allow_random` (for speed and size questions). device="meta" builds a named
+    size without memory or initialisation, for counting."""
     if spec in NAMED_CONFIGS:
         if not allow_random:
             raise ValueError(f"{spec!r} is a named size with random weights; pass a model folder or checkpoint file")
+        if str(device) == "meta":
+            with torch.device("meta"):
+                return build_model(spec)
         return build_model(spec).to(device)
     if not Path(spec).exists():
         raise FileNotFoundError(

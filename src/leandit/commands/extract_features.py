@@ -39,9 +39,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for option, value in (("--resolution", args.resolution), ("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ValueError(f"{option} must be at least 1, got {value}")
     summary = extract_features(
         args.image_root,
         args.vae,

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..models.flops import count_parameters, forward_flops
+from ..models import NAMED_CONFIGS
 from .common import add_model_options, open_model
 
 
@@ -30,6 +31,7 @@ def describe(model, batch_size: int = 1) -> dict:
         "architecture": model.config.to_dict(),
         "tokens": model.config.num_tokens,
         "parameters": count_parameters(model),
+        "fixed_position_embedding": model.pos_embed.numel(),
         "batch_size": batch_size,
         "flops_per_forward": flops,
         "macs_per_forward": flops // 2,
@@ -40,7 +42,7 @@ def describe(model, batch_size: int = 1) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    model = open_model(args.model, args, device="cpu", allow_random=True)
+    model = open_model(args.model, args, device="meta" if args.model in NAMED_CONFIGS else "cpu", allow_random=True)
     info = describe(model, args.batch_size)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"input       {c.in_channels} x {c.input_size} x {c.input_size} ({c.space} space), {c.num_classes} classes"
           + (" + null class" if c.has_null_class else ""))
     print(f"objective   {c.objective}" + (" with learned sigma" if c.learn_sigma else ""))
-    print(f"parameters  {info['parameters']:,} ({info['parameters'] / 1e6:.2f} M)")
+    print(f"parameters  {info['parameters']:,} ({info['parameters'] / 1e6:.2f} M) "
+          f"+ {info['fixed_position_embedding']:,} fixed position-embedding values")
     print(f"compute     {info['macs_per_forward'] / 1e9:.3f} GMACs = {info['flops_per_forward'] / 1e9:.3f} GFLOPs "
           f"per forward at batch {args.batch_size}")
     history = info["compression"]

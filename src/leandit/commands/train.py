@@ -76,7 +76,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ema-decay", type=float, help=f"EMA decay; 0 disables the EMA (default {DEFAULTS['ema_decay']})")
     p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="ramp the EMA decay up as min(decay, (1+n)/(10+n)) (default off)")
-    p.add_argument("--grad-clip", type=float, help="max gradient norm; 0 disables clipping (default 1.0)")
+    p.add_argument("--grad-clip", type=float, help="max gradient norm; 0 disables clipping (default 1.0 as TinyFusion; DiT pre-training used none)")
     p.add_argument("--precision", choices=PRECISIONS, help="auto = bf16 autocast on GPUs that support it, else fp32 (default auto)")
     p.add_argument("--class-dropout", type=float, help="label-dropout probability for guidance training (default: the model config's)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 1000; the last step is always saved)")
@@ -133,8 +133,11 @@ def run(args: argparse.Namespace) -> int:
     dist = setup_distributed(s["device"])
     try:
         if s["model"] in NAMED_CONFIGS:
+            # --objective/--space/--num-heads describe files; for a named size they are overrides.
+            named = {"objective": args.objective, "space": args.space, "num_heads": args.num_heads}
+            overrides = {**{k: v for k, v in named.items() if v is not None}, **s["model_overrides"]}
             torch.manual_seed(s["seed"])  # the same command gives the same initial weights
-            model = build_model(s["model"], **s["model_overrides"])
+            model = build_model(s["model"], **overrides)
         else:
             if s["model_overrides"]:
                 raise ValueError("--set/model_overrides apply to named sizes only, not to a model loaded from a file")
@@ -162,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         job = DenoisingJob(model, make_objective(model.config), s["class_dropout"])
         if dist.is_main:
             _write_run_record(args.out, s, model, dist.world_size)
-            log(f"training {model.config.name or s['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) "
+            log(f"training {model.config.name or s['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) "
                 f"on {s['data']} ({len(dataset)} items) for {s['steps']} steps on {dist.world_size} x {dist.device}")
         started = time.perf_counter()
         result = Trainer(config, args.out, dist=dist, progress=not args.quiet).fit(job, dataset, stop_after=args.stop_after)
@@ -182,6 +185,12 @@ def run(args: argparse.Namespace) -> int:
 def _check_data_fits(model, dataset, name: str) -> None:
     x, y = dataset[0]
     c = model.config
+    space = "pixel" if name == "digits" else "latent"
+    if c.space != space:
+        raise ValueError(
+            f"data {name} is in {space} space but the model is set up for {c.space} space; "
+            f"use --space {space} (or --set space=\"{space}\")"
+        )
     expected = (c.in_channels, c.input_size, c.input_size)
     if tuple(x.shape) != expected:
         raise ValueError(
@@ -194,14 +203,23 @@ def _check_data_fits(model, dataset, name: str) -> None:
 
 
 def _write_run_record(out: Path, settings: dict[str, Any], model, world_size: int) -> None:
+    """run.json: the settings the run started with; each later invocation (a resume) is
+    appended to "invocations", so the record says what every part of the run used."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pass a folder for the run")
     out.mkdir(parents=True, exist_ok=True)
-    record = {
+    invocation = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": settings,
-        "model_config": model.config.to_dict(),
         "world_size": world_size,
         "leandit": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
-    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    path = out / "run.json"
+    record = json.loads(path.read_text()) if path.exists() else {"settings": settings, "model_config": model.config.to_dict()}
+    record.setdefault("invocations", []).append(invocation)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)

@@ -8,9 +8,6 @@ from torch.utils.data import Dataset
 
 from .digits import digits_dataset
 
-EMBEDDED = ("digits",)
-
-
 def open_training_data(spec: str) -> Dataset:
     """"digits" (the embedded data set) or a folder of latent shards (extract-features)."""
     if spec == "digits":
@@ -25,4 +22,4 @@ def open_training_data(spec: str) -> Dataset:
     return LatentShardDataset(path)
 
 
-__all__ = ["EMBEDDED", "digits_dataset", "open_training_data"]
+__all__ = ["digits_dataset", "open_training_data"]

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion.noise import mix_seed
 from . import latents as fmt
-from .vae import LATENT_SCALE, load_vae, read_vae_config
+from .vae import LATENT_SCALE, load_vae, read_vae_config, vae_fingerprint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -95,7 +95,7 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
+def uint8_to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 in [-1, 1], as ToTensor + Normalize(0.5, 0.5)."""
     return (images.float() / 255.0 - 0.5) / 0.5
 
@@ -226,6 +226,7 @@ def extract_features(
         "resolution": int(resolution),
         "seed": int(seed),
         "vae": str(Path(vae_path).resolve()),
+        "vae_sha256": vae_fingerprint(vae_path),
         "image_root": str(root.resolve()),
         "files_sha256": files_fingerprint(root, paths),
     }
@@ -254,7 +255,7 @@ def extract_features(
         chunks: list[torch.Tensor] = []
         try:
             for k, b, e, images in _batches(jobs, paths, resolution, pool):
-                chunks.append(encode_latents(vae, to_model_range(images), range(b, e), seed=seed, flip=flip))
+                chunks.append(encode_latents(vae, uint8_to_model_range(images), range(b, e), seed=seed, flip=flip))
                 bar.update(e - b)
                 images_done += e - b
                 if e == min((k + 1) * shard_size, len(paths)):  # the shard's last batch

@@ -53,6 +53,7 @@ SETTINGS_FIELDS = (
     "resolution",
     "scale_factor",
     "seed",
+    "vae_sha256",
 )
 
 _RERUN = "rerun 'leandit extract-features' with the same options to complete it"

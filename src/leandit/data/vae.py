@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -41,3 +42,16 @@ def load_vae(vae_path: str | os.PathLike, device: torch.device | str = "cpu"):
     except (OSError, ValueError, RuntimeError) as err:
         raise ValueError(f"cannot load the VAE in {vae_path}: {str(err).splitlines()[0]}; {VAE_HINT}") from None
     return vae.to(device).eval()
+
+
+def vae_fingerprint(vae_path: str | os.PathLike) -> str:
+    """A hash of the VAE's config and weight files: sd-vae-ft-ema and sd-vae-ft-mse share
+    a config and tensor shapes, and a resumed extraction must not mix the two."""
+    path = Path(vae_path)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")):
+        digest.update(weights.name.encode())
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]

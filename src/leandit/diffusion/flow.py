@@ -25,14 +25,15 @@ class LinearFlow:
 
     Args:
         train_eps: training times are uniform in [train_eps, 1 - train_eps].
-        sde_diffusion: scale g0 of the SDE sampler's diffusion g(t)^2 = g0 * (1 - t).
+        sde_diffusion: scale g0 of the SDE sampler's diffusion g(t)^2 = g0 * (1 - t); the
+            default 2 is SiT's default ("sigma" form, norm 1).
     """
 
     kind = "flow"
     samplers = ("euler", "heun", "sde")
     default_sampler = "heun"
 
-    def __init__(self, train_eps: float = 0.0, sde_diffusion: float = 1.0):
+    def __init__(self, train_eps: float = 0.0, sde_diffusion: float = 2.0):
         if not 0.0 <= train_eps < 0.5:
             raise ValueError(f"train_eps must be in [0, 0.5), got {train_eps}")
         self.train_eps = train_eps
@@ -67,7 +68,6 @@ class LinearFlow:
         steps: int | None = None,
         clip_denoised: bool = False,
         progress: bool = False,
-        **_: object,
     ) -> torch.Tensor:
         """Integrate from t = 0 (x = noise()) to t = 1 in `steps` equal steps (default 50).
 

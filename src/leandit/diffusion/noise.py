@@ -60,19 +60,23 @@ class StepRandom:
         self.global_batch = global_batch
         self.start = rank * self.local
         self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(mix_seed(seed, step))
+        # Drawn where it is used: a GPU draws the global batch's noise in microseconds, and
+        # every process of a run has the same kind of device, so the draws still agree.
+        self.generator = torch.Generator(self.device).manual_seed(mix_seed(seed, step))
 
     def _slice(self, full: torch.Tensor) -> torch.Tensor:
-        return full[self.start : self.start + self.local].to(self.device)
+        return full[self.start : self.start + self.local]
 
     def randn(self, *shape: int) -> torch.Tensor:
         """(local batch, *shape) standard normal."""
-        return self._slice(torch.randn(self.global_batch, *shape, generator=self.generator))
+        return self._slice(torch.randn(self.global_batch, *shape, generator=self.generator, device=self.device))
 
     def rand(self, *shape: int) -> torch.Tensor:
         """(local batch, *shape) uniform in [0, 1)."""
-        return self._slice(torch.rand(self.global_batch, *shape, generator=self.generator))
+        return self._slice(torch.rand(self.global_batch, *shape, generator=self.generator, device=self.device))
 
     def randint(self, low: int, high: int, *shape: int) -> torch.Tensor:
         """(local batch, *shape) integers in [low, high)."""
-        return self._slice(torch.randint(low, high, (self.global_batch, *shape), generator=self.generator))
+        return self._slice(
+            torch.randint(low, high, (self.global_batch, *shape), generator=self.generator, device=self.device)
+        )

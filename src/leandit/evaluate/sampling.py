@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..data.vae import LATENT_SCALE
 from ..diffusion import PerSampleNoise, make_objective, mix_seed
 from ..models.dit import DiT
+from ..models.guidance import classifier_free_guidance
 
 
 
@@ -43,7 +44,11 @@ def model_fn_for(model: DiT, labels: torch.Tensor, cfg_scale: float = 1.0, guide
     """model(x, t) for these labels, with classifier-free guidance when cfg_scale != 1."""
     if cfg_scale == 1.0:
         return lambda x, t: model(x, t, labels)
-    return lambda x, t: model.forward_with_cfg(x, t, labels, cfg_scale, guided_channels)
+    config = model.config
+    channels = guided_channels or config.guided_channels or config.in_channels
+    return lambda x, t: classifier_free_guidance(
+        model, x, t, labels, scale=cfg_scale, null_class=config.num_classes, channels=channels
+    )
 
 
 @torch.no_grad()
@@ -64,6 +69,7 @@ def generate(
     """Samples in the model's own space (N, C, H, W): latents, or pixels in [-1, 1].
 
     `indices` are the global image numbers that seed each sample's noise (default 0..N-1).
+    `eta` applies to DDIM only.
     """
     config = model.config
     objective = make_objective(config)
@@ -81,13 +87,14 @@ def generate(
     for start in tqdm(starts, disable=not progress, desc="sample", leave=False):
         y = labels[start : start + batch_size].to(device)
         noise = PerSampleNoise(seed, indices[start : start + batch_size], device)
+        options = {"eta": eta} if objective.kind == "diffusion" else {}
         x = objective.sample(
             model_fn_for(model, y, cfg_scale, guided_channels),
             lambda: noise.randn(shape),
             sampler=sampler,
             steps=steps,
-            eta=eta,
             clip_denoised=config.space == "pixel",
+            **options,
         )
         chunks.append(x.float().cpu())
     return torch.cat(chunks)

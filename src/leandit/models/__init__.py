@@ -3,7 +3,8 @@
 from .config import NAMED_CONFIGS, DiTConfig, named_config
 from .dit import DiT, DiTBlock
 from .infer import CheckpointError, infer_dit_config
-from .io import build_model, is_model_folder, load_model, model_from_state_dict, save_model
+from .guidance import classifier_free_guidance
+from .io import build_model, load_model, model_from_state_dict, save_model
 
 __all__ = [
     "NAMED_CONFIGS",
@@ -13,7 +14,7 @@ __all__ = [
     "DiTConfig",
     "build_model",
     "infer_dit_config",
-    "is_model_folder",
+    "classifier_free_guidance",
     "load_model",
     "model_from_state_dict",
     "named_config",

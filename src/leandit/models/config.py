@@ -42,6 +42,10 @@ class DiTConfig:
             "flow" (SiT: velocity of the linear interpolant, continuous t in [0, 1] with t = 1
             at the data).
         space: "latent" (SD-VAE latents scaled by 0.18215) or "pixel" (images in [-1, 1]).
+        guided_channels: how many leading prediction channels classifier-free guidance acts
+            on; None = all `in_channels`. The original DiT and SiT samplers guide 3 of the 4
+            latent channels, so their checkpoint files load with 3 (a quirk kept to reproduce
+            their published numbers).
         name: the named size this came from, for display only.
     """
 
@@ -57,10 +61,13 @@ class DiTConfig:
     learn_sigma: bool = True
     objective: str = "diffusion"
     space: str = "latent"
+    guided_channels: int | None = None
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = _type_problems(self)
+        if problems:  # values of the wrong type would fail below with a confusing TypeError
+            raise ValueError("invalid model config: " + "; ".join(problems))
         if self.patch_size < 1 or self.input_size % self.patch_size:
             problems.append(
                 f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}"
@@ -79,6 +86,8 @@ class DiTConfig:
             problems.append(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.space not in SPACES:
             problems.append(f"space must be one of {SPACES}, got {self.space!r}")
+        if self.guided_channels is not None and not 1 <= self.guided_channels <= self.in_channels:
+            problems.append(f"guided_channels must be in 1..{self.in_channels} or None, got {self.guided_channels}")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 
@@ -117,6 +126,20 @@ class DiTConfig:
         return dataclasses.replace(self, **overrides)
 
 
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "int | None": (int, type(None))}
+
+
+def _type_problems(config: "DiTConfig") -> list[str]:
+    problems = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        allowed = _FIELD_TYPES[f.type]
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if wrong_bool or not isinstance(value, allowed):
+            problems.append(f"{f.name} must be {f.type}, got {value!r}")
+    return problems
+
+
 _SIZES = {
     "S": dict(hidden_size=384, depth=12, num_heads=6),
     "B": dict(hidden_size=768, depth=12, num_heads=12),
@@ -139,7 +162,16 @@ NAMED_CONFIGS: dict[str, DiTConfig] = {
 
 
 def named_config(name: str, **overrides: Any) -> DiTConfig:
-    """The config of a named size ("DiT-XL/2", "SiT-S/4", ...) with fields overridden."""
+    """The config of a named size ("DiT-XL/2", "SiT-S/4", ...) with fields overridden.
+
+    An override of the network's shape renames it ("DiT-S/2 (custom)"), so a modified size is
+    never displayed as the paper's.
+    """
     if name not in NAMED_CONFIGS:
         raise ValueError(f"unknown model name {name!r}; choose one of {', '.join(NAMED_CONFIGS)}")
-    return NAMED_CONFIGS[name].replace(**overrides)
+    base = NAMED_CONFIGS[name]
+    config = base.replace(**overrides)
+    reshaped = any(getattr(config, k) != getattr(base, k) for k in overrides if k not in ("objective", "space", "name"))
+    if reshaped and "name" not in overrides:
+        config = config.replace(name=f"{name} (custom)")
+    return config

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DiTConfig
+from .guidance import classifier_free_guidance
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -195,8 +196,12 @@ class DiTBlock(nn.Module):
         c: torch.Tensor,
         head_mask: torch.Tensor | None = None,
         channel_mask: torch.Tensor | None = None,
+        t_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (N, T, D) tokens, c (N, D) conditioning; masks (H,)/(N, H) and (Dm,)/(N, Dm)."""
+        """x (N, T, D) tokens, c (N, D) conditioning (timestep + label); masks (H,)/(N, H) and
+        (Dm,)/(N, Dm). `t_emb` (N, D), the timestep embedding alone, is passed to every block
+        for wrappers whose decisions depend on the timestep only (DyDiT widths, DiffCR
+        ratios); the plain block does not use it."""
         mod = self.modulation(c)
         x = x + self.attention_branch(x, mod, head_mask)  # (N, T, D)
         return x + self.mlp_branch(x, mod, channel_mask)  # (N, T, D)
@@ -223,12 +228,13 @@ class DiT(nn.Module):
     returns (N, out_channels, H, W).
     """
 
-    # Capability facts for compression methods: where the ordered block list lives.
-    blocks_attribute = "blocks"
-
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
+        # Provenance, kept with the model and written to its folder: where the weights came
+        # from and what was done to them (compression.json), oldest first.
+        self.source: str | None = None
+        self.compression: list[dict] = []
         d = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
@@ -276,10 +282,11 @@ class DiT(nn.Module):
         return self.config.num_classes
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-        """Input tokens (N, T, D) with positions added, and the conditioning c (N, D)."""
+        """Input tokens (N, T, D) with positions added, the conditioning c = t_emb + y_emb
+        (N, D), and the timestep embedding t_emb (N, D) alone."""
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
-        return tokens, c
+        t_emb = self.t_embedder(t)  # (N, D)
+        return tokens, t_emb + self.y_embedder(y), t_emb
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         p, c = self.config.patch_size, self.config.out_channels
@@ -289,9 +296,9 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)  # (N, C, H, W)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        tokens, c = self.embed(x, t, y)  # (N, T, D), (N, D)
+        tokens, c, t_emb = self.embed(x, t, y)  # (N, T, D), (N, D), (N, D)
         for block in self.blocks:
-            tokens = block(tokens, c)  # (N, T, D)
+            tokens = block(tokens, c, t_emb=t_emb)  # (N, T, D)
         out = self.final_layer(tokens, c)  # (N, T, p*p*C_out)
         return self.unpatchify(out)  # (N, C_out, H, W)
 
@@ -303,20 +310,14 @@ class DiT(nn.Module):
         cfg_scale: float,
         guided_channels: int | None = None,
     ) -> torch.Tensor:
-        """Classifier-free guidance: uncond + s * (cond - uncond) on the prediction channels.
+        """Classifier-free guidance with this model: see `classifier_free_guidance`.
 
-        Takes the batch once (N, C, H, W) and runs the conditional and null-class halves in
-        one forward of 2N. `guided_channels` defaults to all `in_channels`; the original DiT
-        guides only the first 3 of its 4 latent channels (pass 3 to reproduce it exactly).
-        The channels not guided (and the learned-variance half) come from the conditional run.
+        Takes the batch once (N, C, H, W). `guided_channels` defaults to the config's
+        (`guided_channels`: 3 for the original DiT/SiT checkpoints, whose sampler guides 3 of
+        their 4 latent channels; otherwise all prediction channels).
         """
-        n = x.shape[0]
-        null = torch.full_like(y, self.null_class)
-        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2N, C_out, H, W)
-        cond, uncond = out[:n], out[n:]
-        k = self.config.in_channels if guided_channels is None else guided_channels
-        guided = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])  # (N, k, H, W)
-        return torch.cat([guided, cond[:, k:]], dim=1)  # (N, C_out, H, W)
+        channels = guided_channels or self.config.guided_channels or self.config.in_channels
+        return classifier_free_guidance(self, x, t, y, scale=cfg_scale, null_class=self.null_class, channels=channels)
 
 
 def _is_meta(module: nn.Module) -> bool:

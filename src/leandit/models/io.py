@@ -84,8 +84,11 @@ def load_model(
         config = infer_dit_config(
             state_dict, num_heads=num_heads, objective=objective or guessed, space=space, name=path.stem
         )
+        if config.in_channels == 4:
+            # The original DiT/SiT samplers guide 3 of the 4 latent channels; their published
+            # FIDs were measured so. A leandit folder records its own choice instead.
+            config = config.replace(guided_channels=3)
         model = model_from_state_dict(config, state_dict, source=f"{path} ({label})")
-        model.compression = []
     model.source = str(path)
     return model.to(device=device, dtype=dtype)
 
@@ -299,19 +302,22 @@ def write_folder_atomically(folder: Path, write) -> None:
         raise
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it: done once, at import
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def _make_readable(folder: Path) -> None:
     """mkdtemp makes 0700 folders and safetensors 0600 files; give them the usual umask modes
     so others on shared storage can read a model."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    os.chmod(folder, 0o777 & ~_UMASK)
     for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
 
 
 def _tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-
-
-def is_model_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()

@@ -27,14 +27,18 @@ class DistEnv:
 
 
 def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    """"auto"/None -> this process's GPU if there is one, else the CPU."""
+    """"auto"/None -> this process's GPU if there is one, else the CPU. A device name torch
+    does not know, or a GPU that is not there, is a ValueError naming the fix."""
     if device is None or str(device) == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise ValueError(f"device {device} was asked for but no CUDA GPU is available; use --device cpu or auto")
     return device
 
 
@@ -47,7 +51,8 @@ def setup_distributed(device: str | torch.device | None = "auto") -> DistEnv:
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # NCCL for GPU tensors, gloo for the CPU ones (object gathers, small reductions).
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo")
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
@@ -75,11 +80,3 @@ def all_gather_objects(obj: Any) -> list[Any]:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj

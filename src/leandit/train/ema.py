@@ -33,10 +33,11 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         decay = self.current_decay()
+        # Frozen weights (LoRA bases, a pruned model's kept layers) never move: skip them.
         pairs = [
             (e, p)
             for e, p in zip(self.shadow.parameters(), module.parameters())
-            if e.dtype.is_floating_point
+            if p.requires_grad and e.dtype.is_floating_point
         ]
         if pairs:
             ema_params, params = zip(*pairs)

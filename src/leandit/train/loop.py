@@ -107,6 +107,10 @@ class TrainingJob(ABC):
     module: nn.Module
     find_unused_parameters: bool = False
 
+    def setup(self, device: torch.device) -> None:
+        """Move everything the job computes with to the device (a teacher, too)."""
+        self.module.to(device)
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer groups; a group may set its own "lr" (e.g. mask logits at 10x)."""
         return [{"params": [p for p in self.module.parameters() if p.requires_grad]}]
@@ -194,7 +198,14 @@ class Trainer:
                     f"cannot resume {folder}: it was trained with {key}={saved.get(key)}, this run asks "
                     f"{key}={getattr(self.config, key)}; use the same value or a new output folder"
                 )
+        base_lrs = [g["base_lr"] for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        # The learning rates of this command apply from here on (the optimizer state would
+        # otherwise silently keep the old ones).
+        for group, lr in zip(optimizer.param_groups, base_lrs):
+            if group["base_lr"] != lr and self.dist.is_main:
+                print(f"note: learning rate {group['base_lr']:g} -> {lr:g} from step {state['step']}", file=sys.stderr)
+            group["base_lr"] = lr
         if ema and state.get("ema"):
             ema.load_state_dict(state["ema"])
         job.load_state_dict(state.get("job", {}))
@@ -233,7 +244,8 @@ class Trainer:
         c, d = self.config, self.dist
         torch.manual_seed(c.seed * 1000 + d.rank)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        module = job.module.to(d.device)
+        job.setup(d.device)
+        module = job.module
         ema = EMA(module, c.ema_decay, c.ema_warmup) if c.ema_decay is not None else None
         groups = job.parameter_groups()
         for group in groups:
@@ -337,30 +349,33 @@ class Trainer:
         keys = sorted(sums)
         if not keys:
             return {}
-        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.dist.device)
         totals = dict(zip(keys, all_reduce_(values, "sum").tolist()))
         n = totals.pop("_n")
         return {k: v / n for k, v in totals.items()}
 
 
 class _InterruptFlag:
-    """Turns the first Ctrl-C into a flag the loop acts on at the end of the step, so the
-    checkpoint it saves is exact; a second Ctrl-C interrupts at once."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (a cluster's pre-emption notice) into a flag
+    the loop acts on at the end of the step, so the checkpoint it saves is exact; a second
+    signal acts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.raised = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
         self.restore()
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def _accumulate(sums: dict[str, float], logs: dict[str, Any]) -> None:
