@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,3 +53,19 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def tiny():
     return tiny_model
+
+
+class RecordingNoise:
+    """A sampler's `noise()` callable: fresh float64 standard normal noise of a fixed shape at
+    every call, remembered in order so a reference computation can replay it."""
+
+    def __init__(self, shape, seed, record=True):
+        self.shape, self.record = shape, record
+        self.gen = torch.Generator().manual_seed(seed)
+        self.calls: list[np.ndarray] = []
+
+    def __call__(self):
+        z = torch.randn(self.shape, generator=self.gen, dtype=torch.float64)
+        if self.record:
+            self.calls.append(z.numpy().copy())
+        return z

@@ -16,6 +16,8 @@ from scipy.stats import norm
 
 from leandit.diffusion import LinearFlow, StepRandom
 
+from conftest import RecordingNoise
+
 
 
 
@@ -61,19 +63,6 @@ def point_mass_velocity(mu, record=None):
 def quantiles(n):
     z = torch.from_numpy(norm.ppf((np.arange(n) + 0.5) / n)).reshape(n, 1)
     return (z - z.mean()) / z.std(unbiased=False)
-
-
-class RecordingNoise:
-    def __init__(self, shape, seed, record=True):
-        self.shape, self.record = shape, record
-        self.gen = torch.Generator().manual_seed(seed)
-        self.calls: list[np.ndarray] = []
-
-    def __call__(self):
-        z = torch.randn(self.shape, generator=self.gen, dtype=torch.float64)
-        if self.record:
-            self.calls.append(z.numpy().copy())
-        return z
 
 
 # ------------------------------------------------------------------------------------------

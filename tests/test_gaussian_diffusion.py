@@ -17,6 +17,8 @@ from scipy.stats import norm
 from leandit.diffusion import GaussianDiffusion, StepRandom, linear_betas, space_timesteps
 from leandit.diffusion.gaussian import discretized_gaussian_log_likelihood, normal_kl
 
+from conftest import RecordingNoise
+
 
 
 
@@ -644,21 +646,6 @@ def test_training_losses_on_a_respaced_process_give_the_model_original_timesteps
 # ------------------------------------------------------------------------------------------
 
 MU, S = 0.3, 0.5
-
-
-class RecordingNoise:
-    """Fresh standard normal noise of a fixed shape at every call, remembered in order."""
-
-    def __init__(self, shape, seed, record=True):
-        self.shape, self.record = shape, record
-        self.gen = torch.Generator().manual_seed(seed)
-        self.calls: list[np.ndarray] = []
-
-    def __call__(self):
-        z = torch.randn(self.shape, generator=self.gen, dtype=torch.float64)
-        if self.record:
-            self.calls.append(z.numpy().copy())
-        return z
 
 
 def point_mass_eps(mu, visited=None):
