@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -91,7 +92,10 @@ NAN_SCRIPT = textwrap.dedent(
     gathered = [torch.zeros_like(flat) for _ in range(2)]
     dist.all_gather(gathered, flat)
     same = bool(torch.equal(gathered[0], gathered[1]))
-    print(json.dumps({"rank": env.rank, "skipped": result.skipped_steps, "replicas_equal": same, "finite": bool(torch.isfinite(flat).all())}))
+    # One file per rank: two processes printing to one pipe can interleave their lines.
+    report = {"rank": env.rank, "skipped": result.skipped_steps, "replicas_equal": same, "finite": bool(torch.isfinite(flat).all())}
+    with open(f"{sys.argv[1]}/report-{env.rank}.json", "w") as f:
+        json.dump(report, f)
     dist.destroy_process_group()
     """
 )
@@ -100,10 +104,8 @@ NAN_SCRIPT = textwrap.dedent(
 def test_nan_on_one_rank_is_skipped_on_every_rank(tmp_path):
     script = tmp_path / "poisoned.py"
     script.write_text(NAN_SCRIPT)
-    done = torchrun(2, str(script), str(tmp_path / "run"), cwd=ROOT)
-    import json
-
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    torchrun(2, str(script), str(tmp_path / "run"), cwd=ROOT)
+    reports = [json.loads(path.read_text()) for path in sorted((tmp_path / "run").glob("report-*.json"))]
     assert len(reports) == 2
     for report in reports:
         assert report == {"rank": report["rank"], "skipped": 1, "replicas_equal": True, "finite": True}
