@@ -4,7 +4,7 @@ For each setting: 1000 class-conditional samples (100 per class, seed 0), and th
 an SVC trained on the real digits assigns to the class they were generated for. Prints a
 markdown table; with --grid, also writes the sample grid of the first setting.
 
-    OMP_NUM_THREADS=1 python benchmarks/digits_teacher.py [--model FOLDER] [--grid PATH]
+    OMP_NUM_THREADS=2 python benchmarks/digits_teacher.py [--model FOLDER] [--grid PATH]
 """
 
 from __future__ import annotations
@@ -17,15 +17,17 @@ from pathlib import Path
 
 import torch
 
+from leandit import demo
 from leandit.assets import digits_teacher_path
 from leandit.data.digits import to_digits_range
 from leandit.evaluate.digits import class_agreement, held_out_accuracy
 from leandit.evaluate.sampling import generate, make_labels, save_grid, to_uint8_images
 from leandit.models import load_model
+from leandit.models.flops import count_parameters
 
-# (sampler, steps, guidance scale); the first is the demo's default.
+# (sampler, steps, guidance scale); the first is the demo's own setting.
 SETTINGS = [
-    ("ddim", 50, 1.0),
+    (demo.SAMPLER, demo.STEPS, demo.CFG_SCALE),
     ("ddim", 25, 1.0),
     ("ddim", 100, 1.0),
     ("ddpm", 250, 1.0),
@@ -46,8 +48,9 @@ def main() -> None:
     k = model.config.num_classes
     labels = make_labels(args.per_class * k, k)
     print("# Digits teacher: do its samples look like the asked digit?\n")
-    print("`OMP_NUM_THREADS=2 python benchmarks/digits_teacher.py`: " f"{args.per_class * k} samples per setting ({args.per_class} per class), seed 0.\n")
-    print(f"- model: {folder.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
+    print(f"`OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/digits_teacher.py`: "
+          f"{args.per_class * k} samples per setting ({args.per_class} per class), seed 0.\n")
+    print(f"- model: {folder.name} ({count_parameters(model) / 1e6:.2f} M parameters)")
     print(f"- machine: {_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
     print(f"- classifier: SVC on the real digits, {held_out_accuracy():.1%} on a 25 % held-out split\n")
     print("| sampler | steps | guidance | class agreement | seconds |")
