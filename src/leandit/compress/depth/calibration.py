@@ -1,0 +1,132 @@
+"""A fixed calibration set and the loss every depth method is scored with.
+
+The calibration loss is the model's own objective on a fixed set of (x0, label, timestep,
+noise): the same images, the same noise and the same timesteps for every mask, so the losses
+of two masks (or two methods) differ only because of the blocks they keep. Timesteps are
+spread evenly over the whole range (ShortGPT-style scores computed on clean latents at small
+t describe a regime the sampler barely visits).
+
+The loss is the objective's MSE term: epsilon MSE for DiT (also with a learned variance,
+whose VB term only trains the variance head and is dominated by its t = 0 values) and
+velocity MSE for SiT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ...diffusion import PerSampleNoise, make_objective
+from ...diffusion.gaussian import GaussianDiffusion
+from ...models.blocks import block_list, running_blocks
+
+
+@dataclass
+class CalibrationSet:
+    """Noised inputs ready to feed the model: x_t (N, C, H, W), the model timesteps t (N,),
+    labels y (N,), and the target the MSE compares with (N, C, H, W)."""
+
+    xt: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor
+    target: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.xt.shape[0]
+
+    def batches(self, batch_size: int, device: torch.device | str) -> Iterator[tuple[torch.Tensor, ...]]:
+        for start in range(0, len(self), batch_size):
+            sl = slice(start, start + batch_size)
+            yield tuple(v[sl].to(device) for v in (self.xt, self.t, self.y, self.target))
+
+
+def make_calibration_set(model: nn.Module, dataset: Dataset, size: int = 256, seed: int = 0) -> CalibrationSet:
+    """The first `size` items of `dataset`, noised at timesteps spread evenly over the whole
+    range with noise fixed by `seed`. Labels are kept (no label dropout)."""
+    if size < 1:
+        raise ValueError(f"calibration size must be at least 1, got {size}")
+    if len(dataset) < size:
+        raise ValueError(f"the data has {len(dataset)} items, fewer than the calibration size {size}; pass a smaller --calibration-size")
+    items = [dataset[i] for i in range(size)]
+    x0 = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in items])  # (N, C, H, W)
+    y = torch.tensor([int(label) for _, label in items])  # (N,)
+    noise = PerSampleNoise(seed, range(size)).randn(x0.shape[1:])  # (N, C, H, W)
+    objective = make_objective(model.config)
+    # Midpoints of `size` equal slices of the timestep range, then shuffled (fixed) so every
+    # batch spans the whole range.
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    fraction = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    fraction = fraction[order]
+    if isinstance(objective, GaussianDiffusion):
+        t = (fraction * objective.num_timesteps).long().clamp(max=objective.num_timesteps - 1)
+        xt = objective.q_sample(x0, t, noise)
+        return CalibrationSet(xt, objective.model_timesteps(t), y, noise)
+    t = fraction.float()
+    xt, velocity = objective.interpolate(x0, noise, t)
+    return CalibrationSet(xt, t, y, velocity)
+
+
+@torch.no_grad()
+def calibration_loss(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    kept: Sequence[int] | None = None,
+    batch_size: int = 256,
+) -> float:
+    """Mean MSE of the model's prediction over the calibration set, running only the blocks
+    `kept` (all when None)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        context = running_blocks(model, kept) if kept is not None else contextlib.nullcontext()
+        with context:
+            for xt, t, y, target in calibration.batches(batch_size, device):
+                out = model(xt, t, y)[:, : target.shape[1]].float()
+                total += float(((out - target) ** 2).mean(dim=(1, 2, 3)).sum())
+                count += xt.shape[0]
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def block_inputs_outputs(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    reduce: Callable[[int, torch.Tensor, torch.Tensor], None],
+    batch_size: int = 256,
+) -> None:
+    """Run the full model over the calibration set and call `reduce(index, x_in, x_out)` for
+    every block and batch with the block's input and output tokens (N, T, D)."""
+    device = next(model.parameters()).device
+    handles = []
+
+    def hook(index):
+        def capture(module, args, kwargs, output):
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x_out = output[-1] if isinstance(output, tuple) else output
+            reduce(index, x_in.float(), x_out.float())
+
+        return capture
+
+    for index, block in enumerate(block_list(model)):
+        handles.append(block.register_forward_hook(hook(index), with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        for xt, t, y, _ in calibration.batches(batch_size, device):
+            model(xt, t, y)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+
+__all__ = ["CalibrationSet", "block_inputs_outputs", "calibration_loss", "make_calibration_set"]

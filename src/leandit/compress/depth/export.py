@@ -1,0 +1,76 @@
+"""A depth-pruned model as a normal model folder, with its history in compression.json."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ... import __version__
+from ...models.blocks import block_list_name, keep_blocks
+from ...models.io import save_model
+from .decision import PruningDecision
+
+
+def pruned_model(
+    source: nn.Module,
+    decision: PruningDecision,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    weights_label: str = "original",
+    source_name: str | None = None,
+) -> nn.Module:
+    """A plain model with the decision's kept blocks; no wrapper or adapter left in it.
+
+    Args:
+        source: the unpruned model (its weights are used unless `weights` is given).
+        weights: a full state dict of the source architecture to take the kept blocks and the
+            rest from instead (e.g. with the learned LoRA delta merged).
+        weights_label: what `weights` are, for the record ("original", "lora-merged", ...).
+        source_name: where the source came from, for the record (default: its `source`).
+    """
+    depth = len(getattr(source, block_list_name(source)))
+    if decision.depth != depth:
+        raise ValueError(f"the decision is for {decision.depth} blocks but the model has {depth}")
+    pruned = keep_blocks(source, decision.kept)
+    if weights is not None:
+        pruned.load_state_dict(_kept_weights(weights, decision.kept, block_list_name(source)), strict=True)
+    record: dict[str, Any] = {
+        "source": source_name or getattr(source, "source", None),
+        **decision.record(),
+        "weights": weights_label,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "leandit": __version__,
+    }
+    pruned.compression = [*getattr(source, "compression", []), record]
+    pruned.source = record["source"]
+    return pruned
+
+
+def export_pruned(
+    source: nn.Module,
+    decision: PruningDecision,
+    folder: str | Path,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    weights_label: str = "original",
+    source_name: str | None = None,
+) -> Path:
+    """Write the pruned model folder (atomically) and return its path."""
+    model = pruned_model(source, decision, weights, weights_label, source_name)
+    return save_model(model, folder)
+
+
+def _kept_weights(weights: Mapping[str, torch.Tensor], kept: list[int], prefix: str) -> dict[str, torch.Tensor]:
+    """Rename blocks.{kept[i]}.* to blocks.{i}.*; drop the removed blocks."""
+    new_index = {old: new for new, old in enumerate(kept)}
+    out = {}
+    for key, value in weights.items():
+        if key.startswith(prefix + "."):
+            index, rest = key[len(prefix) + 1 :].split(".", 1)
+            if int(index) not in new_index:
+                continue
+            key = f"{prefix}.{new_index[int(index)]}.{rest}"
+        out[key] = value
+    return out

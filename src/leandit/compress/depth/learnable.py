@@ -1,0 +1,142 @@
+"""TinyFusion: learn which blocks to keep, with a weight update that estimates recoverability.
+
+The job trains `DepthGates` logits (one categorical distribution per N:M group, sampled per
+image with the straight-through Gumbel-softmax) together with LoRA adapters, all the weights,
+or nothing else, on the model's own diffusion loss. The temperature anneals linearly; the
+loop keeps an EMA of everything including the logits, and the decision is the most likely
+candidate of every group under the EMA logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...diffusion import StepRandom, make_objective
+from ...train.denoising import drop_labels
+from ...train.loop import TrainingJob
+from ...train.schedules import linear_anneal
+from ...models.blocks import depth_of
+from .decision import PruningDecision, group_records
+from .gates import DepthGates, GatedModel
+from .lora import add_lora
+from .scheme import mask_to_indices, parse_scheme
+
+RECOVERABILITY = ("lora", "full", "frozen")
+
+
+@dataclass
+class LearnableSettings:
+    """Hyperparameters of learnable depth pruning; the defaults are the paper's.
+
+    Args:
+        scheme: N:M groups, e.g. "1:2", "2:4" or mixed "1:2,2:4,1:2".
+        temperature_start, temperature_end: Gumbel-softmax temperature, linear per step.
+        logit_scale: multiplier of the logits before the softmax.
+        logit_init: the starting value of every logit (uniform distribution).
+        logits_lr: learning rate of the logits (weights use the loop's lr, 1e-4).
+        recoverability: "lora" (adapters on every Linear of the blocks), "full" (all
+            weights train) or "frozen" (only the gates).
+        lora_rank, lora_alpha: LoRA size and scale (alpha / rank multiplies the update).
+        class_dropout: label-dropout probability; None = the model config's.
+    """
+
+    scheme: str = "1:2"
+    temperature_start: float = 4.0
+    temperature_end: float = 0.1
+    logit_scale: float = 100.0
+    logit_init: float = 0.02
+    logits_lr: float = 1e-3
+    recoverability: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    class_dropout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.recoverability not in RECOVERABILITY:
+            raise ValueError(f"recoverability must be one of {RECOVERABILITY}, got {self.recoverability!r}")
+        if self.temperature_start <= 0 or self.temperature_end <= 0:
+            raise ValueError("temperatures must be positive")
+        if self.logit_scale <= 0:
+            raise ValueError(f"logit scale must be positive, got {self.logit_scale}")
+
+
+class LearnablePruningJob(TrainingJob):
+    """Gates + recoverability update on the model's own loss. Takes ownership of `model`
+    (wraps it, may add adapters): pass a copy if the original is needed afterwards."""
+
+    def __init__(self, model: nn.Module, settings: LearnableSettings):
+        self.settings = settings
+        self.scheme = parse_scheme(settings.scheme, depth_of(model))
+        self.objective = make_objective(model.config)
+        self.class_dropout = model.config.class_dropout_prob if settings.class_dropout is None else settings.class_dropout
+        if self.class_dropout > 0 and not model.config.has_null_class:
+            raise ValueError("label dropout needs a model with a null class; pass --class-dropout 0")
+        self.null_class = model.config.num_classes
+        if settings.recoverability == "lora":
+            self.trainable_weights = add_lora(model, settings.lora_rank, settings.lora_alpha)
+        elif settings.recoverability == "frozen":
+            model.requires_grad_(False)
+            self.trainable_weights = 0
+        else:
+            model.requires_grad_(True)
+            self.trainable_weights = sum(p.numel() for p in model.parameters())
+        gates = DepthGates(self.scheme, settings.logit_init, settings.logit_scale)
+        self.module = GatedModel(model, gates)
+        self.module.temperature = settings.temperature_start
+
+    @property
+    def gates(self) -> DepthGates:
+        return self.module.gates
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        groups = [{"params": [self.gates.logits], "lr": self.settings.logits_lr, "name": "logits"}]
+        weights = [p for p in self.module.backbone.parameters() if p.requires_grad]
+        if weights:
+            groups.append({"params": weights, "name": "weights"})  # the loop's lr (1e-4)
+        return groups
+
+    def on_step_start(self, step: int, total_steps: int) -> None:
+        s = self.settings
+        self.module.temperature = linear_anneal(step, total_steps, s.temperature_start, s.temperature_end)
+
+    def compute_loss(self, module: nn.Module, batch: Any, random: StepRandom) -> tuple[torch.Tensor, dict[str, Any]]:
+        x0, y = batch  # (N, C, H, W), (N,)
+        t = self.objective.sample_timesteps(x0.shape[0], random)  # (N,)
+        noise = random.randn(*x0.shape[1:])  # (N, C, H, W)
+        y = drop_labels(y, self.class_dropout, self.null_class, random)
+        gate_noise = random.rand(self.gates.num_candidates)  # (N, C_total): one draw per image
+        terms = self.objective.training_losses(lambda x, tt: module(x, tt, y, gate_noise=gate_noise), x0, t, noise)
+        logs = {"mse": terms["mse"].mean(), "temperature": self.module.temperature}
+        return terms["loss"].mean(), logs
+
+    def on_step_end(self, step: int, module: nn.Module, ema_module: nn.Module | None) -> dict[str, Any]:
+        """Per-block keep probability of the sampling distribution, and per-group confidence
+        of the decision (EMA logits), for the log and the decision plot."""
+        with torch.no_grad():
+            logs: dict[str, Any] = {
+                f"keep_prob/{i:03d}": float(p) for i, p in enumerate(self.gates.layer_probabilities())
+            }
+            decider = ema_module.gates if ema_module is not None else self.gates
+            confidences = decider.confidences()
+        logs.update({f"confidence/{g:03d}": c for g, c in enumerate(confidences)})
+        logs["min_confidence"] = min(confidences)
+        return logs
+
+    def decision(self, ema_module: nn.Module | None, steps: int) -> PruningDecision:
+        """The learned choice: per group the most likely candidate of the EMA logits."""
+        gates = ema_module.gates if ema_module is not None else self.gates
+        kept = mask_to_indices(gates.decision_mask())
+        details = {
+            "steps": steps,
+            "settings": asdict(self.settings),
+            "decided_by": "ema_logits" if ema_module is not None else "logits",
+            "layer_keep_probability": [round(float(p), 6) for p in gates.layer_probabilities()],
+        }
+        return PruningDecision(
+            "learnable", str(self.scheme), self.scheme.depth, kept,
+            groups=group_records(self.scheme, kept, gates.confidences()), details=details,
+        )

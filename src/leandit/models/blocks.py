@@ -1,0 +1,79 @@
+"""A backbone seen as an ordered list of blocks plus what runs before and after them.
+
+Every depth method needs three things from a model, and only these: its block list, a way to
+run it with a subset of the blocks, and a copy with fewer blocks that saves and loads like
+any other model. They are answered here once per kind of backbone, so gating, baselines and
+export never ask which network they hold.
+
+Known layouts: leandit's DiT/SiT (`blocks`, depth in `config.depth`) and diffusers
+transformers (`transformer_blocks`, depth in `config.num_layers`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, Sequence
+
+from torch import nn
+
+BLOCK_LIST_NAMES = ("blocks", "transformer_blocks")
+
+
+def block_list_name(model: nn.Module) -> str:
+    for name in BLOCK_LIST_NAMES:
+        if isinstance(getattr(model, name, None), nn.ModuleList):
+            return name
+    raise ValueError(
+        f"{type(model).__name__} has no block list ({' or '.join(BLOCK_LIST_NAMES)} as an nn.ModuleList): "
+        "depth methods need a backbone whose blocks run in order"
+    )
+
+
+def block_list(model: nn.Module) -> nn.ModuleList:
+    """The model's blocks, in the order they run."""
+    return getattr(model, block_list_name(model))
+
+
+def depth_of(model: nn.Module) -> int:
+    return len(block_list(model))
+
+
+@contextlib.contextmanager
+def running_blocks(model: nn.Module, kept: Sequence[int]) -> Iterator[nn.Module]:
+    """Run `model` with only the blocks `kept` (shared, not copied) for the duration: the
+    cheap way to evaluate many masks, since removed blocks cost nothing."""
+    name = block_list_name(model)
+    full = getattr(model, name)
+    setattr(model, name, nn.ModuleList(full[i] for i in kept))
+    try:
+        yield model
+    finally:
+        setattr(model, name, full)
+
+
+def keep_blocks(model: nn.Module, kept: Sequence[int]) -> nn.Module:
+    """A standalone copy of `model` with only the blocks `kept`, in order, and a config that
+    says so. The source model is untouched."""
+    name = block_list_name(model)
+    full = getattr(model, name)
+    # Copy the model without its blocks, then only the kept blocks: a 28 -> 14 copy of a
+    # large model never holds the 14 removed blocks twice.
+    setattr(model, name, nn.ModuleList())
+    try:
+        pruned = copy.deepcopy(model)
+    finally:
+        setattr(model, name, full)
+    setattr(pruned, name, nn.ModuleList(copy.deepcopy(full[i]) for i in kept))
+    _set_depth(pruned, len(kept))
+    return pruned
+
+
+def _set_depth(model: nn.Module, depth: int) -> None:
+    config = getattr(model, "config", None)
+    if hasattr(config, "replace") and hasattr(config, "depth"):  # leandit DiTConfig
+        model.config = config.replace(depth=depth)
+    elif hasattr(model, "register_to_config"):  # diffusers ModelMixin
+        model.register_to_config(num_layers=depth)
+    else:
+        raise ValueError(f"do not know how to record the new depth of a {type(model).__name__}")
