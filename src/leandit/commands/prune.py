@@ -1,0 +1,238 @@
+"""`leandit prune`: choose which blocks to keep (learnably or by a baseline) and export the
+shallower model as a normal model folder."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..compress.depth import (
+    METHODS,
+    RANDOM_PICKS,
+    SCORE_METHODS,
+    LearnablePruningJob,
+    LearnableSettings,
+    explicit,
+    export_pruned,
+    global_scheme,
+    make_calibration_set,
+    oracle,
+    parse_scheme,
+    plain_state_dict,
+    random_method,
+    score_method,
+)
+from ..compress.depth.learnable import RECOVERABILITY
+from ..data import open_training_data
+from ..evaluate.plots import plot_decisions
+from ..models.blocks import depth_of
+from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
+from ..train.distributed import barrier
+from ..train.loop import METRICS_FILE, PRECISIONS
+from .common import add_model_options, log, open_model
+
+DECISION_FILE = "decision.json"
+DECISION_PLOT = "decisions.png"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="depth-prune a model: learnable (TinyFusion) or a baseline; writes the pruned model folder",
+        description="Choose which blocks of MODEL to keep and write <out>/model, a normal model folder with fewer "
+        "blocks and a compression.json that records the source, the kept indices, the method and its decisions. "
+        "Learnable runs train with the one training loop: they show progress, resume when the same command is run "
+        "again, and run on many GPUs with torchrun.",
+    )
+    p.add_argument("model", help="the model to prune: a model folder or a DiT/SiT checkpoint file")
+    p.add_argument("--method", choices=METHODS, required=True, help="how to choose the blocks")
+    p.add_argument("--out", type=Path, required=True, help="output folder: model/, decision.json (+ checkpoints/, metrics.jsonl, decisions.png when learnable)")
+    p.add_argument("--scheme", help="local N:M groups, e.g. 1:2, 2:4, 7:14 or mixed 1:2,2:4,1:2 (learnable needs one; baselines choose the best N of every group)")
+    p.add_argument("--keep", type=int, help="baselines: keep this many blocks anywhere in the depth (one global group); instead of --scheme")
+    p.add_argument("--indices", help="--method indices: the blocks to keep, e.g. 0,2,4,6")
+    p.add_argument("--data", default="digits", help="'digits' or a folder of latent shards: training data of learnable runs and the calibration set of baselines (default digits)")
+
+    cal = p.add_argument_group("calibration (shortgpt, fluxlite, sensitivity, random min/median-loss)")
+    cal.add_argument("--calibration-size", type=int, default=256, help="images in the fixed calibration set (default 256)")
+    cal.add_argument("--calibration-seed", type=int, default=0, help="seed of the calibration noise (default 0)")
+    cal.add_argument("--eval-batch-size", type=int, default=64, help="batch size of calibration forward passes (default 64)")
+    cal.add_argument("--random-pick", choices=RANDOM_PICKS, default="first", help="--method random: the first mask drawn, or the min-/median-loss one of --random-samples (default first)")
+    cal.add_argument("--random-samples", type=int, default=100, help="masks drawn for min-/median-loss random (default 100)")
+
+    learn = p.add_argument_group("learnable pruning (defaults are the TinyFusion paper's)")
+    learn.add_argument("--steps", type=int, help="optimisation steps of the learnable run (required for it; the paper ran ~10k at batch 128)")
+    learn.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
+    learn.add_argument("--recoverability", choices=RECOVERABILITY, default="lora", help="weight update trained with the gates: lora, full or frozen (default lora)")
+    learn.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
+    learn.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    learn.add_argument("--lr", type=float, default=1e-4, help="learning rate of LoRA or full weights (default 1e-4)")
+    learn.add_argument("--logits-lr", type=float, default=1e-3, help="learning rate of the gate logits (default 1e-3)")
+    learn.add_argument("--temperature", type=float, nargs=2, default=(4.0, 0.1), metavar=("START", "END"), help="Gumbel-softmax temperature, linear over the run (default 4 0.1)")
+    learn.add_argument("--logit-scale", type=float, default=100.0, help="logits are multiplied by this before the softmax (default 100)")
+    learn.add_argument("--logit-init", type=float, default=0.02, help="initial value of every logit (default 0.02: uniform)")
+    learn.add_argument("--ema-decay", default="auto",
+                       help="EMA decay of logits and weights; the decision uses the EMA logits; 0 disables. auto = 1 - 10 / steps "
+                       "within [0.9, 0.999]: the paper's 0.999 at its ~10k steps, and for shorter runs an EMA that still "
+                       "averages the last tenth of the run instead of remembering the start (default auto)")
+    learn.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables (default 1.0)")
+    learn.add_argument("--class-dropout", type=float, default=None, help="label-dropout probability (default: the model config's)")
+    learn.add_argument("--merge-delta", action="store_true", help="export the kept blocks with the learned LoRA delta (or fine-tuned weights) instead of the original weights")
+    learn.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = bf16 autocast on GPUs that support it (default auto)")
+    learn.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    learn.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines (default 10)")
+    learn.add_argument("--stop-after", type=int, default=None, help="end this invocation after N more steps (resumable)")
+    learn.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
+
+    p.add_argument("--seed", type=int, default=0, help="seed of random masks, noise, timesteps, label drops and gate samples (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_options(p)
+    p.set_defaults(run=run)
+
+
+def _scheme_for(args, depth: int):
+    if args.scheme and args.keep is not None:
+        raise ValueError("give --scheme or --keep, not both")
+    if args.scheme:
+        return parse_scheme(args.scheme, depth)
+    if args.keep is not None:
+        if args.method == "learnable":
+            raise ValueError("learnable pruning needs a local --scheme such as 1:2 or 2:4 (not --keep)")
+        return global_scheme(depth, args.keep)
+    if args.method == "indices":
+        return None
+    raise ValueError(f"--method {args.method} needs --scheme (e.g. 1:2) or --keep K")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_out(args.out)
+    if args.method == "learnable":
+        return _run_learnable(args)
+    source = open_model(args.model, args)
+    depth = depth_of(source)
+    scheme = _scheme_for(args, depth)
+    progress = not args.quiet
+    started = time.perf_counter()
+    if args.method == "indices":
+        if not args.indices:
+            raise ValueError("--method indices needs --indices, e.g. --indices 0,2,4,6")
+        try:
+            indices = [int(i) for i in args.indices.split(",") if i.strip()]
+        except ValueError:
+            raise ValueError(f"--indices takes comma-separated block numbers, got {args.indices!r}") from None
+        decision = explicit(indices, depth, scheme)
+    elif args.method == "oracle":
+        decision = oracle(scheme)
+    else:
+        device = setup_distributed(args.device).device
+        source.to(device)
+        dataset = open_training_data(args.data)
+        calibration = make_calibration_set(source, dataset, args.calibration_size, args.calibration_seed)
+        if args.method in SCORE_METHODS:
+            decision = score_method(args.method, source, calibration, scheme, args.eval_batch_size, progress)
+        else:
+            decision = random_method(source, calibration, scheme, args.random_pick, args.random_samples, args.seed,
+                                     args.eval_batch_size, progress)
+        decision.details["calibration"] = {"data": args.data, "size": args.calibration_size, "seed": args.calibration_seed}
+        source.to("cpu")
+    decision.details.setdefault("seconds", round(time.perf_counter() - started, 2))
+    _finish(args, source, decision)
+    return 0
+
+
+def _run_learnable(args: argparse.Namespace) -> int:
+    if args.steps is None:
+        raise ValueError("learnable pruning needs --steps (the paper ran about one epoch: ~10k steps at batch 128)")
+    if args.indices:
+        raise ValueError("--indices applies to --method indices only")
+    dist = setup_distributed(args.device)
+    try:
+        source = open_model(args.model, args)
+        _scheme_for(args, depth_of(source))  # validate before any work
+        settings = LearnableSettings(
+            scheme=args.scheme,
+            temperature_start=args.temperature[0],
+            temperature_end=args.temperature[1],
+            logit_scale=args.logit_scale,
+            logit_init=args.logit_init,
+            logits_lr=args.logits_lr,
+            recoverability=args.recoverability,
+            lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            class_dropout=args.class_dropout,
+        )
+        torch.manual_seed(args.seed)  # LoRA initialisation
+        job = LearnablePruningJob(copy.deepcopy(source), settings)
+        dataset = open_training_data(args.data)
+        config = LoopConfig(
+            steps=args.steps,
+            global_batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=0.0,
+            ema_decay=_ema_decay(args.ema_decay, args.steps),
+            grad_clip=args.grad_clip or None,
+            precision=args.precision,
+            checkpoint_every=args.checkpoint_every,
+            log_every=args.log_every,
+            seed=args.seed,
+            num_workers=args.num_workers,
+        )
+        if dist.is_main:
+            weights = f"{job.trainable_weights:,} {settings.recoverability} weights" if job.trainable_weights else "frozen weights"
+            log(f"learnable {job.scheme} pruning of {args.model} ({depth_of(source)} -> {job.scheme.num_kept} blocks, "
+                f"{job.gates.num_candidates} logits, {weights}) for {args.steps} steps on {dist.world_size} x {dist.device}")
+        started = time.perf_counter()
+        result = Trainer(config, args.out, dist=dist, progress=not args.quiet).fit(job, dataset, stop_after=args.stop_after)
+        if result.steps < config.steps:
+            if dist.is_main:
+                log(f"stopped at step {result.steps} of {config.steps}; run the same command to continue")
+            return 0
+        if dist.is_main:
+            ema = result.ema
+            decision = job.decision(ema, result.steps)
+            decision.details["data"] = args.data
+            decision.details["seconds_this_invocation"] = round(time.perf_counter() - started, 2)
+            weights, label = None, "original"
+            if args.merge_delta:
+                trained = (ema if ema is not None else job.module).backbone
+                weights = plain_state_dict(trained, merge=True)
+                label = "lora-merged" if settings.recoverability == "lora" else f"{settings.recoverability}-trained"
+            plot_decisions(args.out / METRICS_FILE, args.out / DECISION_PLOT, kept=decision.kept,
+                           title=f"Learnable {job.scheme} pruning of {Path(args.model).name}: keep probability per block")
+            _finish(args, source, decision, weights, label)
+        barrier()
+    finally:
+        teardown_distributed()
+    return 0
+
+
+def _ema_decay(value: str, steps: int) -> float | None:
+    if value == "auto":
+        return min(0.999, max(0.9, 1 - 10 / steps))
+    try:
+        decay = float(value)
+    except ValueError:
+        raise ValueError(f"--ema-decay takes a number or 'auto', got {value!r}") from None
+    return decay or None
+
+
+def _finish(args, source, decision, weights=None, label="original") -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    folder = export_pruned(source, decision, args.out / "model", weights, label, source_name=str(args.model))
+    record = {**decision.record(), "source": str(args.model), "weights": label}
+    (args.out / DECISION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    summary = f"{args.method}: kept {len(decision.kept)} of {decision.depth} blocks {decision.kept}"
+    if decision.groups and "confidence" in decision.groups[0]:
+        summary += f", lowest group confidence {min(g['confidence'] for g in decision.groups):.3f}"
+    log(summary)
+    log(f"pruned model written to {folder}")
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pass a folder")

@@ -1,0 +1,93 @@
+"""Figures written as PNG files (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_keep_probabilities(metrics_file: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Steps (S,) and per-block keep probabilities (S, L) from a learnable run's metrics.jsonl."""
+    steps, rows = [], []
+    for line in Path(metrics_file).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        keys = sorted(k for k in record if k.startswith("keep_prob/"))
+        if keys:
+            steps.append(record["step"])
+            rows.append([record[k] for k in keys])
+    if not rows:
+        raise ValueError(f"{metrics_file} has no keep_prob/* entries: is it the log of a learnable pruning run?")
+    return np.asarray(steps), np.asarray(rows)
+
+
+def plot_decisions(metrics_file: str | Path, out: str | Path, title: str | None = None, kept: Sequence[int] | None = None) -> Path:
+    """The evolution of each block's keep probability over training (TinyFusion Figure 6):
+    a heat map, blocks by steps, with the finally kept blocks marked."""
+    plt = _pyplot()
+    steps, probs = read_keep_probabilities(metrics_file)
+    depth = probs.shape[1]
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * depth + 1.2)), dpi=120)
+    image = ax.imshow(
+        probs.T, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, depth - 0.5),
+    )
+    ax.set_xlabel("training step")
+    ax.set_ylabel("block")
+    ax.set_yticks(range(depth))
+    ax.tick_params(axis="y", labelsize=7 if depth > 16 else 9)
+    if kept is not None:
+        for i in kept:
+            ax.annotate("kept", xy=(1.0, i), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=7, color="tab:green")
+    fig.colorbar(image, ax=ax, label="probability the block is kept", pad=0.09 if kept is not None else 0.02)
+    ax.set_title(title or "Learnable depth pruning: keep probability per block")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_calibration_histogram(
+    losses: Sequence[float],
+    marks: Mapping[str, float],
+    out: str | Path,
+    title: str | None = None,
+    bins: int = 50,
+) -> Path:
+    """Histogram of random masks' calibration losses with methods marked (TinyFusion Figure
+    5). Log-spaced bins when the losses span more than a factor of 20."""
+    plt = _pyplot()
+    values = np.asarray(losses, dtype=float)
+    every = np.concatenate([values, np.asarray(list(marks.values()), dtype=float)])
+    low, high = float(every.min()), float(every.max())
+    log_scale = low > 0 and high / low > 20
+    edges = np.geomspace(low, high, bins + 1) if log_scale else np.linspace(low, high, bins + 1)
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
+    ax.hist(values, bins=edges, color="0.7", edgecolor="0.45", label=f"{len(values)} random masks")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, value) in enumerate(sorted(marks.items(), key=lambda kv: kv[1])):
+        ax.axvline(value, color=colors[i % len(colors)], linewidth=2, label=f"{name}: {value:.4g}")
+    if log_scale:
+        ax.set_xscale("log")
+    ax.set_xlabel("calibration loss right after pruning (lower = better before fine-tuning)")
+    ax.set_ylabel("masks")
+    ax.set_title(title or "Calibration loss of random masks")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)
