@@ -19,6 +19,7 @@ from leandit.compress.depth import (
     score_method,
     select_by_scores,
 )
+from leandit.compress.depth.calibration import calibration_indices
 from leandit.data import digits_dataset
 from leandit.models.blocks import running_blocks
 
@@ -51,6 +52,28 @@ def test_calibration_set_is_fixed_and_spans_all_timesteps():
     assert sorted(a.t.tolist()) == [int((i + 0.5) * 10) for i in range(100)]  # midpoints of 100 slices of 1000
     flow = make_calibration_set(tiny_model(objective="flow"), digits_dataset(), size=10)
     assert sorted(flow.t.tolist()) == pytest.approx([(i + 0.5) / 10 for i in range(10)])
+
+
+class ClassByClass(torch.utils.data.Dataset):
+    """Like latent shards: sorted by class, two flip variants per image side by side."""
+
+    variants = 2
+
+    def __len__(self):
+        return 400
+
+    def __getitem__(self, index):
+        image, variant = divmod(index, 2)
+        return torch.full((1, 8, 8), float(image * 10 + variant)), image // 20  # 20 images per class
+
+
+def test_calibration_images_are_drawn_across_classes_one_variant_each():
+    calibration = make_calibration_set(tiny_model(), ClassByClass(), size=50, seed=0)
+    assert len(set(calibration.y.tolist())) >= 8  # not the first class twice
+    indices = calibration_indices(ClassByClass(), 50, seed=0)
+    assert len(set(indices)) == 50 and all(i % 2 == 0 for i in indices)
+    with pytest.raises(ValueError, match="the data has 200 images, fewer than the calibration size 300"):
+        calibration_indices(ClassByClass(), 300)
 
 
 def test_calibration_loss_is_the_mse_of_the_kept_blocks_model(constructed):

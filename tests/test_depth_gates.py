@@ -214,8 +214,10 @@ def test_hooks_leave_the_backbone_state_dict_and_come_off():
         assert torch.equal(backbone(x, t, y), model(x, t, y))
         assert all(not block._forward_hooks for block in backbone.blocks)
     ema = copy.deepcopy(GatedModel(randomize_(tiny_model(depth=2)), DepthGates(parse_scheme("1:2", 2))))
-    with torch.no_grad():
-        ema(x, t, y, gate_masks=torch.tensor([1.0, 0.0]))  # the copy's hooks read the copy's masks
+    with torch.no_grad():  # the copy's hooks read the copy's masks
+        gated_copy = ema(x, t, y, gate_masks=torch.tensor([1.0, 0.0]))
+        with running_blocks(ema.backbone, [0]):
+            assert torch.allclose(gated_copy, ema.backbone(x, t, y), atol=1e-6)
 
 
 class TupleBlock(nn.Module):
@@ -249,3 +251,20 @@ def test_blocks_returning_tuples_gate_each_output_against_its_input():
         out = gated(hidden, context, gate_masks=torch.tensor([0.0, 1.0]))
         c, h = backbone.transformer_blocks[1](hidden_states=hidden, encoder_hidden_states=context)
     assert torch.allclose(out, h)
+
+
+def test_learnable_pruning_drops_the_blocks_that_wreck_the_output(tmp_path):
+    """Blocks 1 and 2 add a huge MLP output: each 1:2 group must learn to keep its other block."""
+    from leandit.data import digits_dataset
+    from leandit.train import LoopConfig, Trainer
+
+    model = randomize_(tiny_model(depth=4), std=0.05, seed=2)
+    with torch.no_grad():
+        for i in (1, 2):
+            model.blocks[i].adaLN_modulation[-1].bias[5 * 32 :] += 30.0  # gate_mlp
+    job = LearnablePruningJob(model, LearnableSettings(scheme="1:2", recoverability="lora", lora_rank=2))
+    config = LoopConfig(steps=40, global_batch_size=16, lr=1e-4, ema_decay=0.9, log_every=40, precision="fp32")
+    result = Trainer(config, tmp_path, device="cpu", progress=False).fit(job, digits_dataset())
+    decision = job.decision(result.ema, result.steps)
+    assert decision.kept == [0, 3]
+    assert min(g["confidence"] for g in decision.groups) > 0.9  # from 0.5 at the start

@@ -54,11 +54,15 @@ def test_learnable_run_exports_a_shallower_model_and_resumes_exactly(source, tmp
     resumed = tmp_path / "resumed"
     _main("prune", str(source), *LEARN, "--steps", "6", "--out", str(resumed), "--stop-after", "4")
     assert not (resumed / "model").exists()
-    _main("prune", str(source), *LEARN, "--steps", "6", "--out", str(resumed))
+    _main("prune", str(source), *LEARN, "--steps", "6", "--out", str(resumed), "--merge-delta")
     a = load_file(str(straight / "checkpoints" / "step-0000006" / "ema.safetensors"))
     b = load_file(str(resumed / "checkpoints" / "step-0000006" / "ema.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "gates.logits" in a and any("lora_A" in k for k in a)
+    merged = json.loads((resumed / "model" / "compression.json").read_text())[-1]
+    assert merged["weights"] == "lora-merged" and merged["kept_indices"] == record["kept_indices"]
+    plain, delta = leandit.load_model(straight / "model"), leandit.load_model(resumed / "model")
+    assert not torch.equal(plain.blocks[0].mlp.fc1.weight, delta.blocks[0].mlp.fc1.weight)
 
 
 def test_learnable_under_torchrun_on_two_processes_matches_one(source, tmp_path):
@@ -120,6 +124,14 @@ def test_analyze_calibration_writes_histogram_and_numbers(source, tmp_path):
         (["--method", "learnable", "--scheme", "1:2"], "learnable pruning needs --steps"),
         (["--method", "shortgpt"], "needs --scheme (e.g. 1:2) or --keep K"),
         (["--method", "indices", "--indices", "0,9"], "out of range"),
+        (["--method", "learnable", "--steps", "2"], "learnable pruning needs a local --scheme"),
+        (["--method", "oracle", "--keep", "2", "--merge-delta"], "--merge-delta applies to --method learnable only"),
+        (["--method", "shortgpt", "--keep", "2", "--steps", "5"], "--steps applies to --method learnable only"),
+        (["--method", "oracle", "--keep", "2", "--indices", "0,1"], "--indices applies to --method indices only"),
+        (["--method", "random", "--keep", "2", "--random-samples", "5"], "--random-samples applies to --method random with"),
+        (["--method", "random", "--keep", "2", "--random-pick", "min-loss", "--random-samples", "0"], "must be at least 1"),
+        (["--method", "learnable", "--scheme", "1:2", "--steps", "2", "--recoverability", "frozen", "--merge-delta"],
+         "nothing to merge"),
     ],
 )
 def test_bad_requests_fail_with_one_line_and_write_no_model(args, message, source, tmp_path, capsys):

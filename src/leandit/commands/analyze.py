@@ -29,7 +29,7 @@ from ..data import open_training_data
 from ..evaluate.plots import plot_calibration_histogram
 from ..models.blocks import depth_of
 from ..models.io import read_compression
-from ..train import setup_distributed
+from ..train.distributed import resolve_device
 from .common import add_model_options, log, open_model
 
 BASELINES = (*SCORE_METHODS, "oracle")
@@ -97,7 +97,7 @@ def run_calibration(args: argparse.Namespace) -> int:
     marked = _marked_folders(args.mark, depth)
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file: pass a folder")
-    device = setup_distributed(args.device).device
+    device = resolve_device(args.device)
     model.to(device)
     calibration = make_calibration_set(model, open_training_data(args.data), args.calibration_size, args.calibration_seed)
     progress = not args.quiet

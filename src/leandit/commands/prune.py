@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,11 +33,13 @@ from ..data import open_training_data
 from ..evaluate.plots import plot_decisions
 from ..models.blocks import depth_of
 from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
+from ..train.distributed import resolve_device
 from ..train.distributed import barrier
 from ..train.loop import METRICS_FILE, PRECISIONS
 from .common import add_model_options, log, open_model
 
 DECISION_FILE = "decision.json"
+LEARNABLE_DEFAULTS: dict = {}  # option -> default of the learnable-only options, filled by add_parser
 DECISION_PLOT = "decisions.png"
 
 
@@ -62,7 +65,7 @@ def add_parser(sub) -> None:
     cal.add_argument("--calibration-seed", type=int, default=0, help="seed of the calibration noise (default 0)")
     cal.add_argument("--eval-batch-size", type=int, default=64, help="batch size of calibration forward passes (default 64)")
     cal.add_argument("--random-pick", choices=RANDOM_PICKS, default="first", help="--method random: the first mask drawn, or the min-/median-loss one of --random-samples (default first)")
-    cal.add_argument("--random-samples", type=int, default=100, help="masks drawn for min-/median-loss random (default 100)")
+    cal.add_argument("--random-samples", type=int, default=None, help="masks drawn for min-/median-loss random (default 100)")
 
     learn = p.add_argument_group("learnable pruning (defaults are the TinyFusion paper's)")
     learn.add_argument("--steps", type=int, help="optimisation steps of the learnable run (required for it; the paper ran ~10k at batch 128)")
@@ -88,6 +91,9 @@ def add_parser(sub) -> None:
     learn.add_argument("--stop-after", type=int, default=None, help="end this invocation after N more steps (resumable)")
     learn.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
 
+    global LEARNABLE_DEFAULTS
+    LEARNABLE_DEFAULTS = {a.dest: a.default for a in learn._group_actions}
+
     p.add_argument("--seed", type=int, default=0, help="seed of random masks, noise, timesteps, label drops and gate samples (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -106,13 +112,34 @@ def _scheme_for(args, depth: int):
         return global_scheme(depth, args.keep)
     if args.method == "indices":
         return None
+    if args.method == "learnable":
+        raise ValueError("learnable pruning needs a local --scheme such as 1:2 or 2:4")
     raise ValueError(f"--method {args.method} needs --scheme (e.g. 1:2) or --keep K")
+
+
+def _check_options(args) -> None:
+    """Options that do not apply to the chosen method are errors, not silently ignored."""
+    if args.indices and args.method != "indices":
+        raise ValueError("--indices applies to --method indices only")
+    if args.method != "learnable":
+        given = [name for name, default in LEARNABLE_DEFAULTS.items() if getattr(args, name) != default]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to --method learnable only")
+    elif args.merge_delta and args.recoverability == "frozen":
+        raise ValueError("--merge-delta has nothing to merge with --recoverability frozen (the weights do not train)")
+    if args.random_samples is not None and not (args.method == "random" and args.random_pick != "first"):
+        raise ValueError("--random-samples applies to --method random with --random-pick min-loss or median-loss")
+    if args.random_samples is not None and args.random_samples < 1:
+        raise ValueError(f"--random-samples must be at least 1, got {args.random_samples}")
 
 
 def run(args: argparse.Namespace) -> int:
     _check_out(args.out)
+    _check_options(args)
     if args.method == "learnable":
         return _run_learnable(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"--method {args.method} runs in one process: start it without torchrun")
     source = open_model(args.model, args)
     depth = depth_of(source)
     scheme = _scheme_for(args, depth)
@@ -128,15 +155,17 @@ def run(args: argparse.Namespace) -> int:
         decision = explicit(indices, depth, scheme)
     elif args.method == "oracle":
         decision = oracle(scheme)
+    elif args.method == "random" and args.random_pick == "first":
+        decision = random_method(source, None, scheme, "first", seed=args.seed)
     else:
-        device = setup_distributed(args.device).device
+        device = resolve_device(args.device)
         source.to(device)
         dataset = open_training_data(args.data)
         calibration = make_calibration_set(source, dataset, args.calibration_size, args.calibration_seed)
         if args.method in SCORE_METHODS:
             decision = score_method(args.method, source, calibration, scheme, args.eval_batch_size, progress)
         else:
-            decision = random_method(source, calibration, scheme, args.random_pick, args.random_samples, args.seed,
+            decision = random_method(source, calibration, scheme, args.random_pick, args.random_samples or 100, args.seed,
                                      args.eval_batch_size, progress)
         decision.details["calibration"] = {"data": args.data, "size": args.calibration_size, "seed": args.calibration_seed}
         source.to("cpu")
@@ -148,8 +177,6 @@ def run(args: argparse.Namespace) -> int:
 def _run_learnable(args: argparse.Namespace) -> int:
     if args.steps is None:
         raise ValueError("learnable pruning needs --steps (the paper ran about one epoch: ~10k steps at batch 128)")
-    if args.indices:
-        raise ValueError("--indices applies to --method indices only")
     dist = setup_distributed(args.device)
     try:
         source = open_model(args.model, args)

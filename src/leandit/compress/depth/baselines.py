@@ -120,6 +120,8 @@ def random_masks_losses(
 ) -> tuple[torch.Tensor, list[float]]:
     """`count` masks drawn uniformly from the scheme (with replacement, as independent draws
     are) and their calibration losses; a mask drawn twice is evaluated once."""
+    if count < 1:
+        raise ValueError(f"the number of random masks must be at least 1, got {count}")
     masks = scheme.random_masks(count, torch.Generator().manual_seed(seed))  # (count, L)
     cache: dict[tuple[int, ...], float] = {}
     losses = []

@@ -45,14 +45,24 @@ class CalibrationSet:
             yield tuple(v[sl].to(device) for v in (self.xt, self.t, self.y, self.target))
 
 
-def make_calibration_set(model: nn.Module, dataset: Dataset, size: int = 256, seed: int = 0) -> CalibrationSet:
-    """The first `size` items of `dataset`, noised at timesteps spread evenly over the whole
-    range with noise fixed by `seed`. Labels are kept (no label dropout)."""
+def calibration_indices(dataset: Dataset, size: int, seed: int = 0) -> list[int]:
+    """`size` items drawn without replacement by a seeded permutation, one variant per image:
+    latent shards are stored class by class with both flips of an image side by side, so the
+    first items would be one class, twice."""
+    variants = int(getattr(dataset, "variants", 1))
+    images = len(dataset) // variants
     if size < 1:
         raise ValueError(f"calibration size must be at least 1, got {size}")
-    if len(dataset) < size:
-        raise ValueError(f"the data has {len(dataset)} items, fewer than the calibration size {size}; pass a smaller --calibration-size")
-    items = [dataset[i] for i in range(size)]
+    if images < size:
+        raise ValueError(f"the data has {images} images, fewer than the calibration size {size}; pass a smaller --calibration-size")
+    order = torch.randperm(images, generator=torch.Generator().manual_seed(seed))[:size]
+    return [int(i) * variants for i in order]
+
+
+def make_calibration_set(model: nn.Module, dataset: Dataset, size: int = 256, seed: int = 0) -> CalibrationSet:
+    """`size` images of `dataset` chosen by `seed`, noised at timesteps spread evenly over the
+    whole range with noise fixed by `seed`. Labels are kept (no label dropout)."""
+    items = [dataset[i] for i in calibration_indices(dataset, size, seed)]
     x0 = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in items])  # (N, C, H, W)
     y = torch.tensor([int(label) for _, label in items])  # (N,)
     noise = PerSampleNoise(seed, range(size)).randn(x0.shape[1:])  # (N, C, H, W)

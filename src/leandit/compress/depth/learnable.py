@@ -93,11 +93,10 @@ class LearnablePruningJob(TrainingJob):
         return self.module.gates
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        groups = [{"params": [self.gates.logits], "lr": self.settings.logits_lr, "name": "logits"}]
+        # Weights first: the loop logs the first group's learning rate.
         weights = [p for p in self.module.backbone.parameters() if p.requires_grad]
-        if weights:
-            groups.append({"params": weights, "name": "weights"})  # the loop's lr (1e-4)
-        return groups
+        groups = [{"params": weights, "name": "weights"}] if weights else []  # the loop's lr (1e-4)
+        return groups + [{"params": [self.gates.logits], "lr": self.settings.logits_lr, "name": "logits"}]
 
     def on_step_start(self, step: int, total_steps: int) -> None:
         s = self.settings

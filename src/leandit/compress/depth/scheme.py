@@ -79,6 +79,8 @@ class Scheme:
         return math.prod(g.num_candidates for g in self.groups)
 
     def __str__(self) -> str:
+        if len(self.groups) == 1 and self.groups[0].num_candidates > MAX_CANDIDATES:
+            return f"{self.groups[0].n} of {self.groups[0].m}"  # a global choice, not a learnable group
         pairs = [f"{g.n}:{g.m}" for g in self.groups]
         if len(set(pairs)) == 1:
             return pairs[0]
