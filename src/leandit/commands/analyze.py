@@ -39,7 +39,7 @@ TABLE = "calibration_losses.csv"
 
 def add_parser(sub) -> None:
     p = sub.add_parser("analyze", help="analyses that guide compression (calibration-loss histogram of random masks)")
-    inner = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    inner = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True, help="calibration: loss histogram of random masks")
     c = inner.add_parser(
         "calibration",
         help="calibration loss of K random masks, with baselines and pruned models marked",
