@@ -35,6 +35,7 @@ from leandit.compress.depth import (
     random_method,
     score_method,
 )
+from leandit.compress.depth.learnable import auto_ema_decay
 from leandit.data import digits_dataset
 
 HERE = Path(__file__).resolve().parent
@@ -97,7 +98,7 @@ def main() -> None:
         "",
         f"Learnable 1:2 (`leandit prune {Path(teacher).name} --method learnable --scheme 1:2 --steps {args.steps} "
         f"--batch-size {args.batch_size}`, LoRA r8/alpha 16, temperature 4 -> 0.1, scale 100, EMA decay "
-        f"auto = {min(0.999, max(0.9, 1 - 10 / args.steps)):g}): **{learn_seconds / 60:.1f} min** wall time.",
+        f"auto = {auto_ema_decay(args.steps):g}): **{learn_seconds / 60:.1f} min** wall time.",
         f"Group confidences at the end (EMA logits): {', '.join('%.3f' % g['confidence'] for g in learned['groups'])}.",
         "",
         f"Calibration loss: epsilon MSE of the pruned model right after pruning (no fine-tuning), 256 digits, fixed "

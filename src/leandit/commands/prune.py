@@ -28,10 +28,11 @@ from ..compress.depth import (
     random_method,
     score_method,
 )
-from ..compress.depth.learnable import RECOVERABILITY
+from ..compress.depth.learnable import RECOVERABILITY, auto_ema_decay
 from ..data import open_training_data
 from ..evaluate.plots import plot_decisions
 from ..models.blocks import depth_of
+from ..models.io import read_compression
 from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import resolve_device
 from ..train.distributed import barrier
@@ -39,7 +40,6 @@ from ..train.loop import METRICS_FILE, PRECISIONS
 from .common import add_model_options, log, open_model
 
 DECISION_FILE = "decision.json"
-LEARNABLE_DEFAULTS: dict = {}  # option -> default of the learnable-only options, filled by add_parser
 DECISION_PLOT = "decisions.png"
 
 
@@ -91,14 +91,12 @@ def add_parser(sub) -> None:
     learn.add_argument("--stop-after", type=int, default=None, help="end this invocation after N more steps (resumable)")
     learn.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
 
-    global LEARNABLE_DEFAULTS
-    LEARNABLE_DEFAULTS = {a.dest: a.default for a in learn._group_actions}
-
     p.add_argument("--seed", type=int, default=0, help="seed of random masks, noise, timesteps, label drops and gate samples (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_options(p)
-    p.set_defaults(run=run)
+    # The learnable-only options and their defaults, to tell which ones a baseline run was given.
+    p.set_defaults(run=run, learnable_defaults={a.dest: a.default for a in learn._group_actions})
 
 
 def _scheme_for(args, depth: int):
@@ -122,7 +120,7 @@ def _check_options(args) -> None:
     if args.indices and args.method != "indices":
         raise ValueError("--indices applies to --method indices only")
     if args.method != "learnable":
-        given = [name for name, default in LEARNABLE_DEFAULTS.items() if getattr(args, name) != default]
+        given = [name for name, default in args.learnable_defaults.items() if getattr(args, name) != default]
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} applies to --method learnable only")
     elif args.merge_delta and args.recoverability == "frozen":
@@ -240,7 +238,7 @@ def _run_learnable(args: argparse.Namespace) -> int:
 
 def _ema_decay(value: str, steps: int) -> float | None:
     if value == "auto":
-        return min(0.999, max(0.9, 1 - 10 / steps))
+        return auto_ema_decay(steps)
     try:
         decay = float(value)
     except ValueError:
@@ -251,7 +249,7 @@ def _ema_decay(value: str, steps: int) -> float | None:
 def _finish(args, source, decision, weights=None, label="original") -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     folder = export_pruned(source, decision, args.out / "model", weights, label, source_name=str(args.model))
-    record = {**decision.record(), "source": str(args.model), "weights": label}
+    record = read_compression(folder)[-1]  # the same record, beside the run for a quick look
     (args.out / DECISION_FILE).write_text(json.dumps(record, indent=2) + "\n")
     summary = f"{args.method}: kept {len(decision.kept)} of {decision.depth} blocks {decision.kept}"
     if decision.groups and "confidence" in decision.groups[0]:

@@ -28,6 +28,12 @@ from .scheme import mask_to_indices, parse_scheme
 RECOVERABILITY = ("lora", "full", "frozen")
 
 
+def auto_ema_decay(steps: int) -> float:
+    """1 - 10 / steps within [0.9, 0.999]: the paper's 0.999 at its ~10k steps, and for shorter
+    runs an EMA that still averages the last tenth of the run instead of remembering its start."""
+    return min(0.999, max(0.9, 1 - 10 / steps))
+
+
 @dataclass
 class LearnableSettings:
     """Hyperparameters of learnable depth pruning; the defaults are the paper's.
