@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .. import __version__
 from ..models import NAMED_CONFIGS, DiT, build_model, load_model
 from ..models.config import OBJECTIVES, SPACES
 
@@ -73,5 +78,59 @@ def open_model(spec: str, args: argparse.Namespace, device="cpu", allow_random: 
     )
 
 
+def parse_ema_decay(value: str, auto: float) -> float | None:
+    """An --ema-decay value: a number (0 = no EMA) or 'auto' (the command's rule for its length)."""
+    if value == "auto":
+        return auto
+    try:
+        decay = float(value)
+    except ValueError:
+        raise ValueError(f"--ema-decay takes a number or 'auto', got {value!r}") from None
+    return decay or None
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def check_data_fits(model, dataset, name: str) -> None:
+    x, y = dataset[0]
+    c = model.config
+    space = "pixel" if name == "digits" else "latent"
+    if c.space != space:
+        raise ValueError(
+            f"data {name} is in {space} space but the model is set up for {c.space} space; "
+            f"use --space {space} (or --set space=\"{space}\")"
+        )
+    expected = (c.in_channels, c.input_size, c.input_size)
+    if tuple(x.shape) != expected:
+        raise ValueError(
+            f"data {name} has items of shape {tuple(x.shape)} but the model takes {expected}; "
+            "pick a model size that fits (e.g. --set input_size=... --set in_channels=...)"
+        )
+    classes = getattr(dataset, "num_classes", None) or (int(dataset.tensors[1].max()) + 1 if hasattr(dataset, "tensors") else None)
+    if classes is not None and classes > c.num_classes:
+        raise ValueError(f"data {name} has {classes} classes but the model has {c.num_classes}; use --set num_classes={classes}")
+
+
+def write_run_record(out: Path, settings: dict[str, Any], model, world_size: int) -> None:
+    """run.json: the settings the run started with; each later invocation (a resume) is
+    appended to "invocations", so the record says what every part of the run used."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pass a folder for the run")
+    out.mkdir(parents=True, exist_ok=True)
+    invocation = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": settings,
+        "world_size": world_size,
+        "leandit": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    path = out / "run.json"
+    record = json.loads(path.read_text()) if path.exists() else {"settings": settings, "model_config": model.config.to_dict()}
+    record.setdefault("invocations", []).append(invocation)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)

@@ -37,7 +37,7 @@ from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import resolve_device
 from ..train.distributed import barrier
 from ..train.loop import METRICS_FILE, PRECISIONS
-from .common import add_model_options, log, open_model
+from .common import add_model_options, log, open_model, parse_ema_decay
 
 DECISION_FILE = "decision.json"
 DECISION_PLOT = "decisions.png"
@@ -199,7 +199,7 @@ def _run_learnable(args: argparse.Namespace) -> int:
             global_batch_size=args.batch_size,
             lr=args.lr,
             weight_decay=0.0,
-            ema_decay=_ema_decay(args.ema_decay, args.steps),
+            ema_decay=parse_ema_decay(args.ema_decay, auto_ema_decay(args.steps)),
             grad_clip=args.grad_clip or None,
             precision=args.precision,
             checkpoint_every=args.checkpoint_every,
@@ -234,16 +234,6 @@ def _run_learnable(args: argparse.Namespace) -> int:
     finally:
         teardown_distributed()
     return 0
-
-
-def _ema_decay(value: str, steps: int) -> float | None:
-    if value == "auto":
-        return auto_ema_decay(steps)
-    try:
-        decay = float(value)
-    except ValueError:
-        raise ValueError(f"--ema-decay takes a number or 'auto', got {value!r}") from None
-    return decay or None
 
 
 def _finish(args, source, decision, weights=None, label="original") -> None:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import __version__
 from ..data import open_training_data
 from ..diffusion import make_objective
 from ..models import NAMED_CONFIGS, build_model, save_model
@@ -24,7 +22,7 @@ from ..train import DenoisingJob, LoopConfig, Trainer, setup_distributed, teardo
 from ..train.distributed import barrier
 from ..train.loop import PRECISIONS
 from ..train.schedules import LR_SCHEDULES
-from .common import add_model_options, log, open_model
+from .common import add_model_options, check_data_fits, log, open_model, write_run_record
 
 # Every setting a recipe may hold, with its default (None: required).
 DEFAULTS: dict[str, Any] = {
@@ -143,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--set/model_overrides apply to named sizes only, not to a model loaded from a file")
             model = open_model(s["model"], args)
         dataset = open_training_data(s["data"])
-        _check_data_fits(model, dataset, s["data"])
+        check_data_fits(model, dataset, s["data"])
         config = LoopConfig(
             steps=s["steps"],
             global_batch_size=s["batch_size"],
@@ -164,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         )
         job = DenoisingJob(model, make_objective(model.config), s["class_dropout"])
         if dist.is_main:
-            _write_run_record(args.out, s, model, dist.world_size)
+            write_run_record(args.out, s, model, dist.world_size)
             log(f"training {model.config.name or s['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) "
                 f"on {s['data']} ({len(dataset)} items) for {s['steps']} steps on {dist.world_size} x {dist.device}")
         started = time.perf_counter()
@@ -180,46 +178,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         teardown_distributed()
     return 0
-
-
-def _check_data_fits(model, dataset, name: str) -> None:
-    x, y = dataset[0]
-    c = model.config
-    space = "pixel" if name == "digits" else "latent"
-    if c.space != space:
-        raise ValueError(
-            f"data {name} is in {space} space but the model is set up for {c.space} space; "
-            f"use --space {space} (or --set space=\"{space}\")"
-        )
-    expected = (c.in_channels, c.input_size, c.input_size)
-    if tuple(x.shape) != expected:
-        raise ValueError(
-            f"data {name} has items of shape {tuple(x.shape)} but the model takes {expected}; "
-            "pick a model size that fits (e.g. --set input_size=... --set in_channels=...)"
-        )
-    classes = getattr(dataset, "num_classes", None) or (int(dataset.tensors[1].max()) + 1 if hasattr(dataset, "tensors") else None)
-    if classes is not None and classes > c.num_classes:
-        raise ValueError(f"data {name} has {classes} classes but the model has {c.num_classes}; use --set num_classes={classes}")
-
-
-def _write_run_record(out: Path, settings: dict[str, Any], model, world_size: int) -> None:
-    """run.json: the settings the run started with; each later invocation (a resume) is
-    appended to "invocations", so the record says what every part of the run used."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: pass a folder for the run")
-    out.mkdir(parents=True, exist_ok=True)
-    invocation = {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "settings": settings,
-        "world_size": world_size,
-        "leandit": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-    }
-    path = out / "run.json"
-    record = json.loads(path.read_text()) if path.exists() else {"settings": settings, "model_config": model.config.to_dict()}
-    record.setdefault("invocations", []).append(invocation)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)

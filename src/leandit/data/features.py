@@ -11,7 +11,6 @@ finishes an interrupted extraction.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor

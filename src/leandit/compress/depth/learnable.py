@@ -17,6 +17,7 @@ from torch import nn
 
 from ...diffusion import StepRandom, make_objective
 from ...train.denoising import drop_labels
+from ...train.ema import ema_decay_for_steps
 from ...train.loop import TrainingJob
 from ...train.schedules import linear_anneal
 from ...models.blocks import depth_of
@@ -29,9 +30,9 @@ RECOVERABILITY = ("lora", "full", "frozen")
 
 
 def auto_ema_decay(steps: int) -> float:
-    """1 - 10 / steps within [0.9, 0.999]: the paper's 0.999 at its ~10k steps, and for shorter
-    runs an EMA that still averages the last tenth of the run instead of remembering its start."""
-    return min(0.999, max(0.9, 1 - 10 / steps))
+    """The EMA decay of `--ema-decay auto` for mask learning: the paper's 0.999 at its ~10k
+    steps; see `train.ema.ema_decay_for_steps`."""
+    return ema_decay_for_steps(steps, maximum=0.999)
 
 
 @dataclass
