@@ -59,6 +59,15 @@ class LinearFlow:
         loss = mean_flat((out[:, : x1.shape[1]] - target) ** 2)
         return {"loss": loss, "mse": loss, "model_output": out, "xt": xt}
 
+    def distillation_losses(
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample logits-KD term: the MSE between the two predicted velocities (SiT's
+        unused learned-sigma channels are left out)."""
+        c = xt.shape[1]
+        mse = mean_flat((student_output[:, :c] - teacher_output[:, :c].detach().to(student_output.dtype)) ** 2)
+        return {"kd": mse, "kd_mse": mse}
+
     def sample(
         self,
         model_fn: ModelFn,

@@ -264,6 +264,27 @@ class GaussianDiffusion:
             terms["loss"] = mse
         return terms
 
+    def distillation_losses(
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample logits-KD terms between two outputs on the same x_t, t and labels:
+        "kd" (the total), "kd_mse" (epsilon channels) and, with learned sigma, "kd_kl": the KL
+        from the teacher's reverse Gaussian to the student's in bits per dimension. As with
+        the VB term, the student's mean is frozen inside the KL so that it distils only the
+        variance head; the epsilon MSE distils the mean."""
+        c = xt.shape[1]
+        teacher_output = teacher_output.detach().to(student_output.dtype)
+        mse = mean_flat((student_output[:, :c] - teacher_output[:, :c]) ** 2)
+        terms = {"kd_mse": mse, "kd": mse}
+        if self.learn_sigma:
+            frozen = torch.cat([student_output[:, :c].detach(), student_output[:, c:]], dim=1)
+            student = self.p_mean_variance(frozen, xt, t)
+            teacher = self.p_mean_variance(teacher_output, xt, t)
+            kl = mean_flat(normal_kl(teacher.mean, teacher.log_variance, student.mean, student.log_variance)) / math.log(2.0)
+            terms["kd_kl"] = kl
+            terms["kd"] = mse + kl
+        return terms
+
     def vb_terms(self, model_output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Per-sample variational bound term L_t in bits per dimension: KL(q || p) for t > 0,
         the discretised decoder NLL for t = 0."""

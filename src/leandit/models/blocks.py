@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
+import torch
 from torch import nn
 
 BLOCK_LIST_NAMES = ("blocks", "transformer_blocks")
@@ -50,6 +51,37 @@ def running_blocks(model: nn.Module, kept: Sequence[int]) -> Iterator[nn.Module]
         yield model
     finally:
         setattr(model, name, full)
+
+
+def hidden_states_of(output: Any) -> torch.Tensor:
+    """The image tokens a block returns: the tensor itself, or the last element of the tuple
+    that SD3/Flux blocks return (encoder_hidden_states, hidden_states)."""
+    return output[-1] if isinstance(output, tuple) else output
+
+
+@contextlib.contextmanager
+def capturing_block_outputs(model: nn.Module, indices: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """While inside, every forward of `model` stores the hidden states that blocks `indices`
+    return into the yielded dict (index -> tensor, graph kept, so losses on them train the
+    blocks). The dict holds the latest forward's outputs."""
+    blocks = block_list(model)
+    for index in indices:
+        if not 0 <= index < len(blocks):
+            raise ValueError(f"block {index} does not exist: the model has {len(blocks)} blocks")
+    outputs: dict[int, torch.Tensor] = {}
+
+    def hook(index: int):
+        def store(module: nn.Module, args: tuple, output: Any) -> None:
+            outputs[index] = hidden_states_of(output)
+
+        return store
+
+    handles = [blocks[i].register_forward_hook(hook(i)) for i in sorted(set(indices))]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def keep_blocks(model: nn.Module, kept: Sequence[int]) -> nn.Module:

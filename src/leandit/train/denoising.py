@@ -31,11 +31,16 @@ class DenoisingJob(TrainingJob):
         if self.class_dropout_prob > 0 and not model.config.has_null_class:
             raise ValueError("label dropout needs a model with a null class (class_dropout_prob > 0 in its config)")
 
-    def compute_loss(self, module: nn.Module, batch: Any, random: StepRandom) -> tuple[torch.Tensor, dict[str, Any]]:
+    def draw_inputs(self, batch: Any, random: StepRandom) -> tuple[torch.Tensor, ...]:
+        """(x0, t, noise, labels after label dropout) of a step, from the step's randomness."""
         x0, y = batch  # (N, C, H, W), (N,)
         t = self.objective.sample_timesteps(x0.shape[0], random)  # (N,)
         noise = random.randn(*x0.shape[1:])  # (N, C, H, W)
         y = drop_labels(y, self.class_dropout_prob, self.module.config.num_classes, random)
+        return x0, t, noise, y
+
+    def compute_loss(self, module: nn.Module, batch: Any, random: StepRandom) -> tuple[torch.Tensor, dict[str, Any]]:
+        x0, t, noise, y = self.draw_inputs(batch, random)
         terms = self.objective.training_losses(lambda x, tt: module(x, tt, y), x0, t, noise)
         logs = {"mse": terms["mse"].mean()}
         if "vb" in terms:

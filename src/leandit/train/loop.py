@@ -151,11 +151,14 @@ class Trainer:
             raise ValueError(f"batch size {config.global_batch_size} is not divisible by {self.dist.world_size} processes")
 
     # -- helpers -----------------------------------------------------------------------------
-    def _autocast(self):
-        use_bf16 = self.config.precision == "bf16" or (
+    def uses_bf16(self) -> bool:
+        """Whether steps run under bf16 autocast (so a frozen teacher may be kept in bf16)."""
+        return self.config.precision == "bf16" or (
             self.config.precision == "auto" and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
-        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def _autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.uses_bf16())
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         c = self.config
