@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..compress.recovery.alignment import layer_origins, pruning_records
 from ..models.flops import count_parameters, forward_flops
 from ..models import NAMED_CONFIGS
 from .common import add_model_options, open_model
@@ -67,7 +68,13 @@ def run(args: argparse.Namespace) -> int:
         line = f"compression {i}. {method}"
         if kept is not None:
             line += f": kept {len(kept)} of {record.get('source_depth', '?')} blocks {kept}"
-        if record.get("source"):
+        elif method == "recovery":
+            line += f" ({record.get('loss', {}).get('mix', '?')}, {record.get('steps', '?')} steps)"
+            if record.get("teacher"):
+                line += f", teacher {record['teacher']}"
+        if record.get("source") and method != "recovery":
             line += f" from {record['source']}"
         print(line)
+    if pruning_records(history):
+        print(f"origins     its blocks are blocks {layer_origins(history, c.depth)} of the original model")
     return 0
