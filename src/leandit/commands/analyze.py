@@ -3,6 +3,10 @@
 `analyze calibration`: the calibration loss of K random masks of a scheme as a histogram,
 with the baselines and any pruned model's mask marked (TinyFusion Figure 5), plus the raw
 numbers as CSV.
+
+`analyze activations`: every block's output distribution with its max, min and std
+(TinyFusion Figure 8) and the share of activations each outlier threshold k would drop, to
+choose k for masked RepKD.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from ..compress.depth import (
 )
 from ..compress.depth.scheme import mask_to_indices
 from ..data import open_training_data
-from ..evaluate.plots import plot_calibration_histogram
+from ..evaluate.activations import activation_statistics
+from ..evaluate.plots import plot_activation_histograms, plot_calibration_histogram
 from ..models.blocks import depth_of
 from ..models.io import read_compression
 from ..train.distributed import resolve_device
@@ -35,11 +40,14 @@ from .common import add_model_options, log, open_model
 BASELINES = (*SCORE_METHODS, "oracle")
 HISTOGRAM = "calibration_histogram.png"
 TABLE = "calibration_losses.csv"
+ACTIVATIONS_PLOT = "activations.png"
+ACTIVATIONS_TABLE = "activations.csv"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("analyze", help="analyses that guide compression (calibration-loss histogram of random masks)")
-    inner = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True, help="calibration: loss histogram of random masks")
+    p = sub.add_parser("analyze", help="analyses that guide compression (calibration losses of random masks, massive activations)")
+    inner = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True,
+                             help="calibration: loss histogram of random masks; activations: block output histograms")
     c = inner.add_parser(
         "calibration",
         help="calibration loss of K random masks, with baselines and pruned models marked",
@@ -64,6 +72,26 @@ def add_parser(sub) -> None:
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_options(c)
     c.set_defaults(run=run_calibration)
+
+    a = inner.add_parser(
+        "activations",
+        help="per-block histogram of output activations with max/min/std, to choose masked RepKD's k",
+        description="Run MODEL over a fixed calibration set (noised images over the whole timestep range) and write "
+        f"{ACTIVATIONS_PLOT} (one log-count histogram per block with its max, min and std; TinyFusion Figure 8), "
+        f"{ACTIVATIONS_TABLE} and summary.json: per block the range, std, the largest distance from a sample's mean in "
+        "that sample's standard deviations, and the share of activations beyond each k (what masked RepKD would drop).",
+    )
+    a.add_argument("model", help="model folder or checkpoint file")
+    a.add_argument("--out", type=Path, required=True, help=f"folder for {ACTIVATIONS_PLOT}, {ACTIVATIONS_TABLE} and summary.json")
+    a.add_argument("--k", default="2,4", help="outlier thresholds in standard deviations to count, comma-separated (default 2,4)")
+    a.add_argument("--bins", type=int, default=100, help="histogram bins per block (default 100)")
+    a.add_argument("--data", default="digits", help="'digits' or a folder of latent shards (default digits)")
+    a.add_argument("--calibration-size", type=int, default=256, help="images in the calibration set (default 256)")
+    a.add_argument("--calibration-seed", type=int, default=0, help="seed of the calibration noise (default 0)")
+    a.add_argument("--eval-batch-size", type=int, default=64, help="batch size of the forward passes (default 64)")
+    a.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_model_options(a)
+    a.set_defaults(run=run_activations)
 
 
 def _marked_folders(specs: list[str], depth: int) -> dict[str, list[int]]:
@@ -135,4 +163,43 @@ def run_calibration(args: argparse.Namespace) -> int:
     for name, loss in sorted(marks.items(), key=lambda kv: kv[1]):
         log(f"  {name:<14} {loss:.4g}  ({summary['marks'][name]['percentile']:.1f} % of random masks have a lower loss)")
     log(f"wrote {args.out / HISTOGRAM} and {args.out / TABLE}")
+    return 0
+
+
+def _thresholds(text: str) -> list[float]:
+    try:
+        ks = [float(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--k takes comma-separated numbers, e.g. 2,4; got {text!r}") from None
+    if not ks or any(k <= 0 for k in ks):
+        raise ValueError(f"--k needs positive thresholds, got {text!r}")
+    return ks
+
+
+def run_activations(args: argparse.Namespace) -> int:
+    ks = _thresholds(args.k)
+    if args.bins < 1:
+        raise ValueError(f"--bins must be at least 1, got {args.bins}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: pass a folder")
+    model = open_model(args.model, args)
+    model.to(resolve_device(args.device))
+    calibration = make_calibration_set(model, open_training_data(args.data), args.calibration_size, args.calibration_seed)
+    layers = activation_statistics(model, calibration, ks, args.bins, args.eval_batch_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / ACTIVATIONS_TABLE, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["block", "min", "max", "mean", "std", "max_sigma", *[f"beyond_{k:g}_sigma" for k in ks]])
+        for layer in layers:
+            writer.writerow([layer.layer, *[f"{v:.6g}" for v in (layer.min, layer.max, layer.mean, layer.std, layer.max_sigma)],
+                             *[f"{layer.beyond[k]:.6g}" for k in ks]])
+    summary = {"model": str(args.model), "calibration_size": args.calibration_size, "k": ks, "blocks": [l.summary() for l in layers]}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    title = f"{Path(str(args.model).rstrip('/')).name}: block outputs over {args.calibration_size} calibration images"
+    plot_activation_histograms(layers, args.out / ACTIVATIONS_PLOT, title=title, k=ks[0])
+    log(f"{'block':>5} {'min':>10} {'max':>10} {'std':>9} {'max sigma':>9}  " + "  ".join(f"> {k:g} sigma" for k in ks))
+    for layer in layers:
+        log(f"{layer.layer:>5} {layer.min:>10.4g} {layer.max:>10.4g} {layer.std:>9.4g} {layer.max_sigma:>9.1f}  "
+            + "  ".join(f"{layer.beyond[k] * 100:>8.3f} %" for k in ks))
+    log(f"wrote {args.out / ACTIVATIONS_PLOT}, {args.out / ACTIVATIONS_TABLE} and summary.json")
     return 0

@@ -91,3 +91,31 @@ def plot_calibration_histogram(
     fig.savefig(out)
     plt.close(fig)
     return Path(out)
+
+
+def plot_activation_histograms(layers: Sequence, out: str | Path, title: str | None = None, k: float | None = 2.0) -> Path:
+    """One histogram per block output (log counts) with its max, min and std written on it
+    and mean +- k std marked (TinyFusion Figure 8): spikes far outside the band are the
+    massive activations that masked RepKD drops."""
+    plt = _pyplot()
+    columns = min(4, len(layers))
+    rows = -(-len(layers) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), dpi=110, squeeze=False)
+    for ax in axes.flat[len(layers):]:
+        ax.axis("off")
+    for ax, layer in zip(axes.flat, layers):
+        centers = (layer.edges[:-1] + layer.edges[1:]) / 2
+        ax.bar(centers, np.maximum(layer.counts, 0.5), width=np.diff(layer.edges), color="0.45", log=True)
+        if k is not None:
+            for sign in (-1, 1):
+                ax.axvline(layer.mean + sign * k * layer.std, color="tab:red", linewidth=0.8, linestyle="--")
+        ax.set_title(f"block {layer.layer}", fontsize=9)
+        ax.text(0.02, 0.97, f"max {layer.max:.3g}\nmin {layer.min:.3g}\nstd {layer.std:.3g}", transform=ax.transAxes,
+                fontsize=7, va="top", family="monospace")
+        ax.tick_params(labelsize=7)
+    band = f" (dashed: mean ± {k:g} std)" if k is not None else ""
+    fig.suptitle((title or "Block output activations") + band, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)
