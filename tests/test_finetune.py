@@ -151,16 +151,63 @@ def test_finetune_cli_records_the_recovery_and_a_pruned_model_can_be_pruned_and_
         (["--teacher", "{teacher}", "--repkd-k", "two"], "--repkd-k takes a number"),
         (["--teacher", "{teacher}", "--mix", "kd", "--teacher-layers", "1,3"], "only when RepKD is on"),
         (["--teacher", "{missing}"], "model not found"),
+        (["--teacher", "{teacher}", "--steps", "0"], "--steps must be at least 1"),
+        (["--mix", "plain", "--teacher", "{teacher}"], "uses no teacher"),
+        (["--teacher", "{teacher}", "--mix", "kd", "--repkd-k", "4"], "--repkd-k applies only when RepKD is on"),
+        (["--teacher", "{teacher}", "--class-dropout", "1.5"], "label-dropout probability must be in [0, 1)"),
+        (["--teacher", "{teacher}", "--grad-clip", "-1"], "gradient clip must be a positive norm"),
+        (["--teacher", "{teacher}", "--final-lr-ratio", "-1"], "final learning-rate ratio"),
+        (["--teacher", "{teacher}", "--kd-weight", "nan"], "--kd-weight must be a number >= 0"),
+        (["--teacher", "{teacher}", "--repkd-k", "nan"], "--repkd-k must be a positive number"),
+        (["--teacher", "{teacher}", "--data", "{missing}"], "{missing}"),
     ],
 )
 def test_finetune_refuses_bad_input_with_one_line_and_writes_no_model(chain, tmp_path, capsys, extra, message):
     paths = {"sibling": chain / "sibling", "teacher": chain / "teacher", "missing": tmp_path / "nope"}
-    extra = [e.format(**paths) for e in extra]
+    extra, message = [e.format(**paths) for e in extra], message.format(**paths)
     out = tmp_path / "run"
-    assert main(["finetune", str(chain / "student"), *extra, "--steps", "2", "--out", str(out), *LOOP]) == 2
+    steps = [] if "--steps" in extra else ["--steps", "2"]
+    assert main(["finetune", str(chain / "student"), *extra, *steps, "--out", str(out), *LOOP]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (out / "model").exists()
+
+
+def test_a_resume_with_other_loss_settings_is_refused_and_none_switches_the_mask_off(chain, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["finetune", str(chain / "student"), "--teacher", str(chain / "teacher"), "--steps", "3", "--out", str(out), *LOOP]
+    _main(*base, "--stop-after", "1")
+    assert main([*base, "--repkd-k", "4"]) == 2
+    assert "other recovery settings (repkd_k)" in capsys.readouterr().err
+    _main(*base)  # the same options resume
+    plain = tmp_path / "no-mask"
+    _main("finetune", str(chain / "student"), "--teacher", str(chain / "teacher"), "--repkd-k", "none", "--steps", "1",
+          "--out", str(plain), *LOOP)
+    record = json.loads((plain / "model" / "compression.json").read_text())[-1]
+    assert record["loss"]["repkd_k"] is None and record["alignment"] == "segment"
+    assert json.loads((plain / "metrics.jsonl").read_text().splitlines()[0])["repkd_dropped"] == 0
+
+
+def test_a_bf16_teacher_under_autocast_distils_without_gradients_or_changes():
+    teacher = randomize_(tiny_model(depth=4), std=0.15, seed=1)
+    student = randomize_(tiny_model(depth=2), std=0.15, seed=2)
+    job = RecoveryJob(student, teacher, RecoverySettings(), teacher_layers=[1, 3], teacher_dtype=torch.bfloat16)
+    job.setup(torch.device("cpu"))
+    assert all(p.dtype == torch.bfloat16 for p in teacher.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logs = job.compute_loss(student, _batch(), StepRandom(0, 0, 8, 0, 1, torch.device("cpu")))
+    loss.backward()
+    assert torch.isfinite(loss) and logs["kd"].dtype == torch.float32 and logs["repkd"].dtype == torch.float32
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in student.parameters())
+
+
+def test_data_that_does_not_fit_the_model_is_refused_with_the_fix(tmp_path, capsys):
+    leandit.save_model(tiny_model(depth=2, in_channels=4, space="latent"), tmp_path / "latent")
+    assert main(["analyze", "activations", str(tmp_path / "latent"), "--out", str(tmp_path / "a")]) == 2
+    assert "pass --data with a folder of latent shards" in capsys.readouterr().err
+    assert main(["finetune", str(tmp_path / "latent"), "--mix", "plain", "--steps", "1", "--out", str(tmp_path / "f"), *LOOP]) == 2
+    assert "pass --data with a folder of latent shards" in capsys.readouterr().err
 
 
 def test_two_processes_fine_tune_like_one(chain, tmp_path):

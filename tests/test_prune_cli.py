@@ -132,6 +132,9 @@ def test_analyze_calibration_writes_histogram_and_numbers(source, tmp_path):
         (["--method", "random", "--keep", "2", "--random-pick", "min-loss", "--random-samples", "0"], "must be at least 1"),
         (["--method", "learnable", "--scheme", "1:2", "--steps", "2", "--recoverability", "frozen", "--merge-delta"],
          "nothing to merge"),
+        (["--method", "learnable", "--scheme", "1:2", "--steps", "0", "--ema-decay", "0.9"], "--steps must be at least 1"),
+        (["--method", "learnable", "--scheme", "1:2", "--steps", "2", "--grad-clip", "-1"], "gradient clip must be a positive norm"),
+        (["--method", "shortgpt", "--keep", "2", "--eval-batch-size", "0"], "must be at least 1"),
     ],
 )
 def test_bad_requests_fail_with_one_line_and_write_no_model(args, message, source, tmp_path, capsys):

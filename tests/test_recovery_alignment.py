@@ -33,6 +33,13 @@ def test_each_student_layer_is_aligned_with_the_end_of_what_it_replaces(scheme, 
     assert record_alignment(_record(scheme, depth, kept)) == expected
 
 
+def test_the_group_end_rule_aligns_every_kept_layer_with_its_groups_last():
+    assert record_alignment(_record("2:4", 8, [0, 2, 5, 6]), "group-end") == [3, 3, 7, 7]
+    assert record_alignment(_record("1:2", 4, [0, 2]), "group-end") == record_alignment(_record("1:2", 4, [0, 2])) == [1, 3]
+    with pytest.raises(ValueError, match="unknown alignment rule"):
+        record_alignment(_record("1:2", 4, [0, 2]), "middle")
+
+
 def test_the_paper_oracle_28_to_14_aligns_with_the_end_of_each_removed_stretch():
     from leandit.compress.depth import global_scheme
 
@@ -66,6 +73,10 @@ def test_a_teacher_that_is_not_an_ancestor_is_refused_with_the_fix():
         teacher_layers([], [], 6, 12)
     with pytest.raises(ValueError, match="keeps 6 blocks but the student has 4"):
         teacher_layers([first], [], 4, 12)
+    with pytest.raises(ValueError, match="kept 6 blocks, the model has 4"):
+        layer_origins([first], 4)
+    with pytest.raises(ValueError, match="inconsistent"):
+        layer_origins([first, _record("1:2", 8, [0, 2, 4, 6])], 4)
 
 
 def test_explicit_teacher_layers_are_checked():

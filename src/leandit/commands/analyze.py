@@ -35,7 +35,7 @@ from ..evaluate.plots import plot_activation_histograms, plot_calibration_histog
 from ..models.blocks import depth_of
 from ..models.io import read_compression
 from ..train.distributed import resolve_device
-from .common import add_model_options, log, open_model
+from .common import add_model_options, check_data_fits, log, open_model
 
 BASELINES = (*SCORE_METHODS, "oracle")
 HISTOGRAM = "calibration_histogram.png"
@@ -125,9 +125,12 @@ def run_calibration(args: argparse.Namespace) -> int:
     marked = _marked_folders(args.mark, depth)
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file: pass a folder")
+    _check_sizes(args)
+    dataset = open_training_data(args.data)
+    check_data_fits(model, dataset, args.data)
     device = resolve_device(args.device)
     model.to(device)
-    calibration = make_calibration_set(model, open_training_data(args.data), args.calibration_size, args.calibration_seed)
+    calibration = make_calibration_set(model, dataset, args.calibration_size, args.calibration_seed)
     progress = not args.quiet
     log(f"calibration loss of {args.samples} random masks of {scheme} ({scheme.num_candidates:,} possible) on {args.model}")
     masks, losses = random_masks_losses(model, calibration, scheme, args.samples, args.seed, args.eval_batch_size, progress)
@@ -166,6 +169,12 @@ def run_calibration(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    for option in ("calibration_size", "eval_batch_size"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+
+
 def _thresholds(text: str) -> list[float]:
     try:
         ks = [float(k) for k in text.split(",") if k.strip()]
@@ -182,9 +191,12 @@ def run_activations(args: argparse.Namespace) -> int:
         raise ValueError(f"--bins must be at least 1, got {args.bins}")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file: pass a folder")
+    _check_sizes(args)
     model = open_model(args.model, args)
+    dataset = open_training_data(args.data)
+    check_data_fits(model, dataset, args.data)
     model.to(resolve_device(args.device))
-    calibration = make_calibration_set(model, open_training_data(args.data), args.calibration_size, args.calibration_seed)
+    calibration = make_calibration_set(model, dataset, args.calibration_size, args.calibration_seed)
     layers = activation_statistics(model, calibration, ks, args.bins, args.eval_batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / ACTIVATIONS_TABLE, "w", newline="") as f:

@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -78,10 +78,11 @@ def open_model(spec: str, args: argparse.Namespace, device="cpu", allow_random: 
     )
 
 
-def parse_ema_decay(value: str, auto: float) -> float | None:
-    """An --ema-decay value: a number (0 = no EMA) or 'auto' (the command's rule for its length)."""
+def parse_ema_decay(value: str, auto: Callable[[], float]) -> float | None:
+    """An --ema-decay value: a number (0 = no EMA) or 'auto' (the command's rule for its
+    length, asked only then)."""
     if value == "auto":
-        return auto
+        return auto()
     try:
         decay = float(value)
     except ValueError:
@@ -93,24 +94,25 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def check_data_fits(model, dataset, name: str) -> None:
+def check_data_fits(model, dataset, name: str, named_size: bool = False) -> None:
+    """Refuse data the model cannot take, with the fix: for a named size (trained from
+    scratch) the config override that fits, for a loaded model the data that fits it."""
     x, y = dataset[0]
     c = model.config
     space = "pixel" if name == "digits" else "latent"
+    fitting_data = "--data digits" if c.space == "pixel" else "--data with a folder of latent shards from extract-features"
     if c.space != space:
-        raise ValueError(
-            f"data {name} is in {space} space but the model is set up for {c.space} space; "
-            f"use --space {space} (or --set space=\"{space}\")"
-        )
+        fix = f"use --space {space} (or --set space=\"{space}\")" if named_size else f"pass {fitting_data}"
+        raise ValueError(f"data {name} is in {space} space but the model is set up for {c.space} space; {fix}")
     expected = (c.in_channels, c.input_size, c.input_size)
     if tuple(x.shape) != expected:
-        raise ValueError(
-            f"data {name} has items of shape {tuple(x.shape)} but the model takes {expected}; "
-            "pick a model size that fits (e.g. --set input_size=... --set in_channels=...)"
-        )
+        fix = "pick a model size that fits (e.g. --set input_size=... --set in_channels=...)" if named_size else \
+            "pass --data made for this model (same resolution and VAE)"
+        raise ValueError(f"data {name} has items of shape {tuple(x.shape)} but the model takes {expected}; {fix}")
     classes = getattr(dataset, "num_classes", None) or (int(dataset.tensors[1].max()) + 1 if hasattr(dataset, "tensors") else None)
     if classes is not None and classes > c.num_classes:
-        raise ValueError(f"data {name} has {classes} classes but the model has {c.num_classes}; use --set num_classes={classes}")
+        fix = f"use --set num_classes={classes}" if named_size else "pass --data with the model's classes"
+        raise ValueError(f"data {name} has {classes} classes but the model has {c.num_classes}; {fix}")
 
 
 def write_run_record(out: Path, settings: dict[str, Any], model, world_size: int) -> None:

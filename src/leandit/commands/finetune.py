@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..compress.recovery import MIXES, RecoveryJob, RecoverySettings, parse_teacher_layers, teacher_layers
+from ..compress.recovery import ALIGNMENT_RULES, MIXES, RecoveryJob, RecoverySettings, parse_teacher_layers, teacher_layers
 from ..data import open_training_data
 from ..models import save_model
 from ..models.blocks import depth_of
@@ -48,6 +48,10 @@ def add_parser(sub) -> None:
     loss.add_argument("--repkd-weight", type=float, help="RepKD weight at the start, linear to 0 at the end (overrides the mix)")
     loss.add_argument("--repkd-k", help="drop activations beyond k standard deviations from the RepKD loss; 'none' = no mask "
                       "(overrides the mix; 2 or 4 work, see `leandit analyze activations`)")
+    loss.add_argument("--align", choices=ALIGNMENT_RULES, default="segment",
+                      help="how student blocks map to teacher blocks, from compression.json: segment = the end of the stretch "
+                      "of removed blocks each kept block replaces within its group (the group's end when a group keeps one "
+                      "block, as in the paper); group-end = always the group's last block (default segment)")
     loss.add_argument("--teacher-layers", help="explicit alignment, one teacher block per student block (e.g. 1,3,5); "
                       "default: derived from compression.json")
     loss.add_argument("--class-dropout", type=float, help="label-dropout probability, shared by student and teacher (default: the student config's)")
@@ -102,8 +106,14 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if settings.needs_teacher and not args.teacher:
         raise ValueError(f"--mix {args.mix} distils from a teacher: pass --teacher (the model the student was pruned from), or use --mix plain")
-    if args.teacher_layers and settings.repkd_weight == 0:
-        raise ValueError("--teacher-layers applies only when RepKD is on (--repkd-weight > 0)")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.teacher and not settings.needs_teacher:
+        raise ValueError(f"--mix {args.mix} uses no teacher: drop --teacher, or give a mix that distils (e.g. --mix masked-kd)")
+    if settings.repkd_weight == 0:
+        for option, given in (("--teacher-layers", args.teacher_layers), ("--repkd-k", args.repkd_k), ("--align", args.align != "segment")):
+            if given:
+                raise ValueError(f"{option} applies only when RepKD is on (--repkd-weight > 0)")
     dist = setup_distributed(args.device)
     try:
         student = open_model(args.student, args)
@@ -113,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             if args.teacher_layers:
                 layers = parse_teacher_layers(args.teacher_layers, depth_of(student), depth_of(teacher))
             else:
-                layers = teacher_layers(student.compression, teacher.compression, depth_of(student), depth_of(teacher))
+                layers = teacher_layers(student.compression, teacher.compression, depth_of(student), depth_of(teacher), args.align)
         dataset = open_training_data(args.data)
         check_data_fits(student, dataset, args.data)
         config = LoopConfig(
@@ -123,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             weight_decay=0.0,
             lr_schedule="cosine",
             final_lr_ratio=args.final_lr_ratio,
-            ema_decay=parse_ema_decay(args.ema_decay, ema_decay_for_steps(args.steps, maximum=0.9999)),
+            ema_decay=parse_ema_decay(args.ema_decay, lambda: ema_decay_for_steps(args.steps, maximum=0.9999)),
             grad_clip=args.grad_clip or None,
             precision=args.precision,
             checkpoint_every=args.checkpoint_every,
@@ -170,6 +180,7 @@ def _recovery_record(args, settings: RecoverySettings, config: LoopConfig, teach
         "teacher": str(args.teacher) if teacher is not None else None,
         "teacher_depth": depth_of(teacher) if teacher is not None else None,
         "teacher_layers": layers,
+        "alignment": (args.align if not args.teacher_layers else "explicit") if layers else None,
         "loss": {
             "mix": args.mix,
             "kd_weight": settings.kd_weight,

@@ -37,7 +37,7 @@ from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import resolve_device
 from ..train.distributed import barrier
 from ..train.loop import METRICS_FILE, PRECISIONS
-from .common import add_model_options, log, open_model, parse_ema_decay
+from .common import add_model_options, check_data_fits, log, open_model, parse_ema_decay
 
 DECISION_FILE = "decision.json"
 DECISION_PLOT = "decisions.png"
@@ -158,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         device = resolve_device(args.device)
         source.to(device)
+        if args.calibration_size < 1 or args.eval_batch_size < 1:
+            raise ValueError("--calibration-size and --eval-batch-size must be at least 1")
         dataset = open_training_data(args.data)
+        check_data_fits(source, dataset, args.data)
         calibration = make_calibration_set(source, dataset, args.calibration_size, args.calibration_seed)
         if args.method in SCORE_METHODS:
             decision = score_method(args.method, source, calibration, scheme, args.eval_batch_size, progress)
@@ -175,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_learnable(args: argparse.Namespace) -> int:
     if args.steps is None:
         raise ValueError("learnable pruning needs --steps (the paper ran about one epoch: ~10k steps at batch 128)")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
     dist = setup_distributed(args.device)
     try:
         source = open_model(args.model, args)
@@ -191,15 +196,16 @@ def _run_learnable(args: argparse.Namespace) -> int:
             lora_alpha=args.lora_alpha,
             class_dropout=args.class_dropout,
         )
+        dataset = open_training_data(args.data)
+        check_data_fits(source, dataset, args.data)
         torch.manual_seed(args.seed)  # LoRA initialisation
         job = LearnablePruningJob(copy.deepcopy(source), settings)
-        dataset = open_training_data(args.data)
         config = LoopConfig(
             steps=args.steps,
             global_batch_size=args.batch_size,
             lr=args.lr,
             weight_decay=0.0,
-            ema_decay=parse_ema_decay(args.ema_decay, auto_ema_decay(args.steps)),
+            ema_decay=parse_ema_decay(args.ema_decay, lambda: auto_ema_decay(args.steps)),
             grad_clip=args.grad_clip or None,
             precision=args.precision,
             checkpoint_every=args.checkpoint_every,

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--set/model_overrides apply to named sizes only, not to a model loaded from a file")
             model = open_model(s["model"], args)
         dataset = open_training_data(s["data"])
-        check_data_fits(model, dataset, s["data"])
+        check_data_fits(model, dataset, s["data"], named_size=s["model"] in NAMED_CONFIGS)
         config = LoopConfig(
             steps=s["steps"],
             global_batch_size=s["batch_size"],

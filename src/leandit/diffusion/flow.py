@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .gaussian import mean_flat
+from .gaussian import mean_flat, upcast
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[], torch.Tensor]
@@ -65,7 +65,8 @@ class LinearFlow:
         """Per-sample logits-KD term: the MSE between the two predicted velocities (SiT's
         unused learned-sigma channels are left out)."""
         c = xt.shape[1]
-        mse = mean_flat((student_output[:, :c] - teacher_output[:, :c].detach().to(student_output.dtype)) ** 2)
+        student = upcast(student_output[:, :c])
+        mse = mean_flat((student - upcast(teacher_output[:, :c].detach()).to(student.dtype)) ** 2)
         return {"kd": mse, "kd_mse": mse}
 
     def sample(

@@ -83,6 +83,11 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     )
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to float32 (others unchanged): for losses under bf16 autocast."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.dim())))
 
@@ -273,7 +278,9 @@ class GaussianDiffusion:
         the VB term, the student's mean is frozen inside the KL so that it distils only the
         variance head; the epsilon MSE distils the mean."""
         c = xt.shape[1]
-        teacher_output = teacher_output.detach().to(student_output.dtype)
+        # In float32 even under bf16 autocast (and a bf16 teacher): the terms are small differences.
+        student_output, xt = upcast(student_output), upcast(xt)
+        teacher_output = upcast(teacher_output.detach()).to(student_output.dtype)
         mse = mean_flat((student_output[:, :c] - teacher_output[:, :c]) ** 2)
         terms = {"kd_mse": mse, "kd": mse}
         if self.learn_sigma:

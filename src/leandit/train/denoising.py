@@ -12,6 +12,12 @@ from ..models.dit import DiT
 from .loop import TrainingJob
 
 
+def check_dropout(prob: float) -> float:
+    if not 0.0 <= prob < 1.0:  # also refuses NaN
+        raise ValueError(f"the label-dropout probability must be in [0, 1), got {prob}")
+    return prob
+
+
 def drop_labels(y: torch.Tensor, prob: float, null_class: int, random: StepRandom) -> torch.Tensor:
     """Replace each label by the null class with probability `prob` (classifier-free guidance
     training). Drawn from the step's randomness, so a student and its teacher can share it."""
@@ -27,7 +33,7 @@ class DenoisingJob(TrainingJob):
     def __init__(self, model: DiT, objective: Objective, class_dropout_prob: float | None = None):
         self.module = model
         self.objective = objective
-        self.class_dropout_prob = model.config.class_dropout_prob if class_dropout_prob is None else class_dropout_prob
+        self.class_dropout_prob = check_dropout(model.config.class_dropout_prob if class_dropout_prob is None else class_dropout_prob)
         if self.class_dropout_prob > 0 and not model.config.has_null_class:
             raise ValueError("label dropout needs a model with a null class (class_dropout_prob > 0 in its config)")
 

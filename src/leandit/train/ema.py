@@ -12,6 +12,8 @@ def ema_decay_for_steps(steps: int, maximum: float) -> float:
     """1 - 10 / steps within [0.9, maximum]: a paper's decay for its long runs, and for shorter
     runs an EMA that still averages the last tenth of the run instead of remembering its start
     (0.9999 over 2000 steps would still hold 82 % of the initial weights)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     return min(maximum, max(0.9, 1 - 10 / steps))
 
 

@@ -92,6 +92,14 @@ class LoopConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r} (fp16 is not supported: use bf16)")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be at least 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"the learning rate must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.final_lr_ratio) and self.final_lr_ratio >= 0):
+            raise ValueError(f"the final learning-rate ratio must be 0 or more, got {self.final_lr_ratio}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight decay must be 0 or more, got {self.weight_decay}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"the gradient clip must be a positive norm (0 = off), got {self.grad_clip}")
         self.adam_betas = tuple(self.adam_betas)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...diffusion import StepRandom, make_objective
-from ...train.denoising import drop_labels
+from ...train.denoising import check_dropout, drop_labels
 from ...train.ema import ema_decay_for_steps
 from ...train.loop import TrainingJob
 from ...train.schedules import linear_anneal
@@ -79,7 +79,7 @@ class LearnablePruningJob(TrainingJob):
         self.settings = settings
         self.scheme = parse_scheme(settings.scheme, depth_of(model))
         self.objective = make_objective(model.config)
-        self.class_dropout = model.config.class_dropout_prob if settings.class_dropout is None else settings.class_dropout
+        self.class_dropout = check_dropout(model.config.class_dropout_prob if settings.class_dropout is None else settings.class_dropout)
         if self.class_dropout > 0 and not model.config.has_null_class:
             raise ValueError("label dropout needs a model with a null class; pass --class-dropout 0")
         self.null_class = model.config.num_classes

@@ -7,7 +7,9 @@ itself and the removed layers after it up to the next kept layer of its group; t
 state it must reproduce is the output of the last of those. With one kept layer per group
 (1:2, 7:14, the paper's setting) that is the output of the group's last layer; a group that
 keeps several layers (2:4) is split at them, so no two student layers chase the same state;
-a global choice ("keep any K") is one group over the whole depth.
+a global choice ("keep any K") is one group over the whole depth. The rule "group-end" aligns
+every kept layer with its group's last layer instead (the paper's wording taken literally;
+the same as "segment" whenever a group keeps one layer).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 PruningRecord = dict[str, Any]
+ALIGNMENT_RULES = ("segment", "group-end")
 
 
 def pruning_records(history: Sequence[dict[str, Any]]) -> list[PruningRecord]:
@@ -22,8 +25,10 @@ def pruning_records(history: Sequence[dict[str, Any]]) -> list[PruningRecord]:
     return [record for record in history if "kept_indices" in record]
 
 
-def record_alignment(record: PruningRecord) -> list[int]:
+def record_alignment(record: PruningRecord, rule: str = "segment") -> list[int]:
     """For every layer the record kept (in order), the source layer whose output it replaces."""
+    if rule not in ALIGNMENT_RULES:
+        raise ValueError(f"unknown alignment rule {rule!r}; choose one of {', '.join(ALIGNMENT_RULES)}")
     depth = int(record["source_depth"])
     kept = [int(i) for i in record["kept_indices"]]
     groups = [list(g["layers"]) for g in record.get("groups") or []] or [list(range(depth))]
@@ -35,7 +40,8 @@ def record_alignment(record: PruningRecord) -> list[int]:
     for layers in groups:
         in_group = [i for i in layers if i in kept_set]
         for position, layer in enumerate(in_group):
-            end_of[layer] = in_group[position + 1] - 1 if position + 1 < len(in_group) else layers[-1]
+            split = rule == "segment" and position + 1 < len(in_group)
+            end_of[layer] = in_group[position + 1] - 1 if split else layers[-1]
     missing = [i for i in kept if i not in end_of]
     if missing:
         raise ValueError(f"compression record {record.get('method', '?')}: kept layers {missing} are outside 0..{depth - 1}")
@@ -51,6 +57,7 @@ def teacher_layers(
     teacher_history: Sequence[dict[str, Any]],
     student_depth: int,
     teacher_depth: int,
+    rule: str = "segment",
 ) -> list[int]:
     """For every student layer, the teacher layer whose output it is aligned with.
 
@@ -77,23 +84,32 @@ def teacher_layers(
         raise ValueError(f"the student was pruned from a {steps[0]['source_depth']}-block model, the teacher has {teacher_depth} blocks")
     if len(steps[-1]["kept_indices"]) != student_depth:
         raise ValueError(f"the last compression record keeps {len(steps[-1]['kept_indices'])} blocks but the student has {student_depth}")
-    for earlier, later in zip(steps, steps[1:]):
-        if int(later["source_depth"]) != len(earlier["kept_indices"]):
-            raise ValueError("the student's compression.json history is inconsistent: a pruning starts from a depth the one before did not leave")
+    _check_chain(steps)
     mapping = list(range(student_depth))
     for record in reversed(steps):
-        alignment = record_alignment(record)
+        alignment = record_alignment(record, rule)
         mapping = [alignment[j] for j in mapping]
     return mapping
 
 
 def layer_origins(history: Sequence[dict[str, Any]], depth: int) -> list[int]:
     """For every layer of a model, its index in the original (never pruned) model."""
+    steps = pruning_records(history)
+    if steps and len(steps[-1]["kept_indices"]) != depth:
+        raise ValueError(f"compression.json does not fit the model: its last pruning kept {len(steps[-1]['kept_indices'])} blocks, "
+                         f"the model has {depth}")
+    _check_chain(steps)
     origins = list(range(depth))
-    for record in reversed(pruning_records(history)):
+    for record in reversed(steps):
         kept = [int(i) for i in record["kept_indices"]]
         origins = [kept[j] for j in origins]
     return origins
+
+
+def _check_chain(steps: Sequence[PruningRecord]) -> None:
+    for earlier, later in zip(steps, steps[1:]):
+        if int(later["source_depth"]) != len(earlier["kept_indices"]):
+            raise ValueError("the compression.json history is inconsistent: a pruning starts from a depth the one before did not leave")
 
 
 def parse_teacher_layers(text: str, student_depth: int, teacher_depth: int) -> list[int]:

@@ -11,7 +11,8 @@ included; the teacher runs without gradients (in bf16 on GPUs).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
@@ -53,12 +54,13 @@ class RecoverySettings:
 
     def __post_init__(self) -> None:
         for name in ("kd_weight", "diffusion_weight", "repkd_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):  # NaN would skip every step
+                raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
         if self.kd_weight == self.diffusion_weight == self.repkd_weight == 0:
             raise ValueError("every loss weight is 0: nothing to train on")
-        if self.repkd_k is not None and self.repkd_k <= 0:
-            raise ValueError(f"the RepKD outlier threshold k must be positive, got {self.repkd_k}")
+        if self.repkd_k is not None and not (self.repkd_k > 0):  # NaN would mask everything
+            raise ValueError(f"--repkd-k must be a positive number of standard deviations (or 'none'), got {self.repkd_k}")
 
     @classmethod
     def from_mix(cls, mix: str, **overrides: Any) -> "RecoverySettings":
@@ -119,12 +121,27 @@ class RecoveryJob(DenoisingJob):
         self.teacher = teacher if settings.needs_teacher else None
         self.teacher_layers = list(teacher_layers) if use_repkd else None
         self.teacher_dtype = teacher_dtype
+        self.teacher_depth = depth_of(teacher) if self.teacher is not None else None
         self.current_repkd_weight = settings.repkd_weight
 
     def setup(self, device: torch.device) -> None:
         self.module.to(device)
         if self.teacher is not None:
             self.teacher.to(device=device, dtype=self.teacher_dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the run was started with: a resume must not silently change the loss."""
+        return {"settings": asdict(self.settings), "teacher_layers": self.teacher_layers, "teacher_depth": self.teacher_depth}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = {key: state.get(key) for key in ("settings", "teacher_layers", "teacher_depth")}
+        if state and saved != self.state_dict():
+            changed = [k for k in saved["settings"] or {} if saved["settings"][k] != asdict(self.settings).get(k)]
+            changed += [k for k in ("teacher_layers", "teacher_depth") if saved[k] != getattr(self, k)]
+            raise ValueError(
+                f"cannot resume: the run in this folder was started with other recovery settings ({', '.join(changed)}); "
+                "use the same options or a new --out folder"
+            )
 
     def on_step_start(self, step: int, total_steps: int) -> None:
         self.current_repkd_weight = repkd_weight(step, total_steps, self.settings.repkd_weight)

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from ...diffusion.gaussian import upcast
 from ...train.schedules import linear_anneal
 
 
@@ -40,7 +41,8 @@ def hidden_state_loss(
     if student.shape != teacher.shape:
         raise ValueError(f"student hidden state {tuple(student.shape)} and teacher's {tuple(teacher.shape)} differ")
     # In float32 even under bf16 autocast: the sum runs over every activation of a sample.
-    squared = (student.float() - teacher.detach().float()).flatten(1) ** 2  # (N, T*D)
+    student = upcast(student)
+    squared = (student - upcast(teacher.detach()).to(student.dtype)).flatten(1) ** 2  # (N, T*D)
     if k is None or math.isinf(k):
         return squared.mean(), squared.new_zeros(())
     keep = (outlier_mask(student, k) & outlier_mask(teacher, k)).flatten(1)
