@@ -15,6 +15,7 @@ import torch
 from .. import __version__
 from ..models import NAMED_CONFIGS, DiT, build_model, load_model
 from ..models.config import OBJECTIVES, SPACES
+from ..train.loop import PRECISIONS
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +77,16 @@ def open_model(spec: str, args: argparse.Namespace, device="cpu", allow_random: 
         trust_checkpoint=args.trust_checkpoint,
         device=device,
     )
+
+
+def add_run_options(group, checkpoint_every: int, precision_help: str = "") -> None:
+    """The training-loop options every training command shares (not the optimiser's)."""
+    group.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help=f"auto = bf16 autocast on GPUs that support it{precision_help} (default auto)")
+    group.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help=f"steps between checkpoints (default {checkpoint_every})")
+    group.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines (default 10)")
+    group.add_argument("--stop-after", type=int, default=None, help="end this invocation after N more steps (resumable)")
+    group.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
 
 
 def parse_ema_decay(value: str, auto: Callable[[], float]) -> float | None:

@@ -19,8 +19,7 @@ from ..models.blocks import depth_of
 from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import barrier
 from ..train.ema import ema_decay_for_steps
-from ..train.loop import PRECISIONS
-from .common import add_model_options, check_data_fits, log, open_model, parse_ema_decay, write_run_record
+from .common import add_model_options, add_run_options, check_data_fits, log, open_model, parse_ema_decay, write_run_record
 
 
 def add_parser(sub) -> None:
@@ -64,12 +63,8 @@ def add_parser(sub) -> None:
     loop.add_argument("--ema-decay", default="auto", help="EMA decay; 0 disables. auto = 1 - 10 / steps within [0.9, 0.9999]: "
                       "the paper's 0.9999 from 100k steps on, and an EMA that follows the run for short ones (default auto)")
     loop.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables (default 1.0)")
-    loop.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = bf16 autocast (and a bf16 teacher) on GPUs that support it (default auto)")
-    loop.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
+    add_run_options(loop, checkpoint_every=1000, precision_help=" (and a bf16 teacher)")
     loop.add_argument("--keep-checkpoints", type=int, default=2, help="recent checkpoints to keep; 0 keeps all (default 2)")
-    loop.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines (default 10)")
-    loop.add_argument("--stop-after", type=int, default=None, help="end this invocation after N more steps (resumable)")
-    loop.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
     loop.add_argument("--seed", type=int, default=0, help="seed of data order, noise, timesteps and label drops (default 0)")
     loop.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     loop.add_argument("--quiet", action="store_true", help="no progress bar")

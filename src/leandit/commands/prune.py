@@ -36,8 +36,8 @@ from ..models.io import read_compression
 from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import resolve_device
 from ..train.distributed import barrier
-from ..train.loop import METRICS_FILE, PRECISIONS
-from .common import add_model_options, check_data_fits, log, open_model, parse_ema_decay
+from ..train.loop import METRICS_FILE
+from .common import add_model_options, add_run_options, check_data_fits, log, open_model, parse_ema_decay
 
 DECISION_FILE = "decision.json"
 DECISION_PLOT = "decisions.png"
@@ -85,11 +85,7 @@ def add_parser(sub) -> None:
     learn.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables (default 1.0)")
     learn.add_argument("--class-dropout", type=float, default=None, help="label-dropout probability (default: the model config's)")
     learn.add_argument("--merge-delta", action="store_true", help="export the kept blocks with the learned LoRA delta (or fine-tuned weights) instead of the original weights")
-    learn.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = bf16 autocast on GPUs that support it (default auto)")
-    learn.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
-    learn.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines (default 10)")
-    learn.add_argument("--stop-after", type=int, default=None, help="end this invocation after N more steps (resumable)")
-    learn.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    add_run_options(learn, checkpoint_every=500)
 
     p.add_argument("--seed", type=int, default=0, help="seed of random masks, noise, timesteps, label drops and gate samples (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
