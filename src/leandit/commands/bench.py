@@ -1,0 +1,95 @@
+"""`leandit bench`: parameters, FLOPs, latency, throughput, peak memory and speed-up of models
+measured side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from ..evaluate.model_specs import open_spec
+from ..evaluate.speed import SpeedResult, measure_speed, process_peak_memory_mib
+from ..train.distributed import resolve_device
+from .common import add_model_options, log
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="speed and cost of models side by side: parameters, FLOPs, latency, images/s, peak memory, speed-up",
+        description="Measure every MODEL at the same batch size in one run: parameters, FLOPs of one sampling step "
+        "(attention included; with guidance a step runs 2 x batch), median latency per sampling step over interleaved "
+        "rounds after warm-up, images per second for a full sampling run, peak memory of a step, and the speed-up "
+        "over the first model. MODEL is a model folder, a checkpoint file, or a named size with random weights and "
+        "optional overrides, e.g. DiT-XL/2 DiT-XL/2:depth=14 DiT-XL/2:depth=7.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="models to compare; speed-ups are over the first")
+    p.add_argument("--batch-size", type=int, default=2, help="images per sampling step (default 2)")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1 = no guidance (default 1.5: a step runs 2 x batch)")
+    p.add_argument("--sampling-steps", type=int, default=250, help="steps of a full sampling run, for images/s (default 250, DiT's DDPM)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds; each times every model once, in turn (default 10)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto = bf16 autocast on GPUs, fp32 on CPU (default auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (on CPU it runs each model once more in a fresh process)")
+    p.add_argument("--out", type=Path, help="also write the table as markdown to this file (with the machine and command)")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    add_model_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    load_options = {"weights": args.weights, "num_heads": args.num_heads, "objective": args.objective, "space": args.space,
+                    "trust_checkpoint": args.trust_checkpoint}
+    models = [(spec, open_spec(spec, **load_options)) for spec in args.models]
+    log(f"measuring {len(models)} models at batch {args.batch_size} on {device} ({precision}), "
+        f"{args.warmup} warm-up steps, {args.rounds} interleaved rounds")
+    results = measure_speed(models, args.batch_size, cfg_scale=args.cfg_scale, sampling_steps=args.sampling_steps,
+                            warmup=args.warmup, rounds=args.rounds, device=device, precision=precision)
+    if device.type == "cpu" and not args.no_memory:
+        for result, spec in zip(results, args.models):
+            result.peak_memory_mib = process_peak_memory_mib(spec, args.batch_size, args.cfg_scale, precision, load_options)
+    table = format_table(results, args.batch_size, args.cfg_scale, args.sampling_steps)
+    print(table)
+    machine = describe_machine(device, precision)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"Machine: {machine}.\n\n{table}\n")
+        log(f"wrote {args.out}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine, "batch_size": args.batch_size, "cfg_scale": args.cfg_scale,
+                                         "rows": [r.to_dict() for r in results]}, indent=2) + "\n")
+    return 0
+
+
+def format_table(results: list[SpeedResult], batch_size: int, cfg_scale: float, sampling_steps: int) -> str:
+    lines = [
+        f"| model | blocks | parameters | GFLOPs / step | latency / step (ms) | images/s ({sampling_steps} steps) | peak memory (MiB) | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        memory = f"{r.peak_memory_mib:,.0f}" if r.peak_memory_mib is not None else "–"
+        lines.append(f"| {r.name} | {r.depth} | {r.parameters / 1e6:.1f} M | {r.flops_per_step / 1e9:,.1f} | "
+                     f"{r.latency_ms:,.1f} ± {r.latency_spread_ms:,.1f} | {r.images_per_s:.3g} | {memory} | "
+                     f"**{r.speedup:.2f}x** |")
+    guided = "with guidance (a step = one forward of 2 x batch)" if cfg_scale != 1.0 else "without guidance"
+    lines += ["", f"Batch {batch_size}, {guided}; latency = median over interleaved rounds (± half the interquartile "
+              "range); speed-up = latency of the first model / latency of this one, from the same run."]
+    return "\n".join(lines)
+
+
+def describe_machine(device: torch.device, precision: str) -> str:
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"{where}, {precision}, torch {torch.__version__}"

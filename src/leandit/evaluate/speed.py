@@ -1,0 +1,174 @@
+"""Speed and cost of sampling with a model: parameters, FLOPs, latency per sampling step,
+throughput and peak memory, measured side by side so that ratios are fair on a shared,
+noisy machine.
+
+A sampling step is what a sampler calls once per step: one forward of the batch, or of twice
+the batch with classifier-free guidance (conditional and null-class halves together, as the
+original DiT sampler does). Latencies are interleaved: every round times each model once, in
+turn, after warm-up; the reported latency is the median over rounds, and a speed-up is the
+ratio of medians from the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..models.flops import count_parameters, forward_flops
+from .sampling import model_fn_for
+
+
+@dataclass
+class SpeedResult:
+    """One model's row of a speed table."""
+
+    name: str
+    depth: int
+    parameters: int
+    flops_per_step: int
+    latency_ms: float
+    latency_spread_ms: float  # half the interquartile range over rounds
+    images_per_s: float
+    peak_memory_mib: float | None
+    speedup: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sampling_step(model: nn.Module, batch_size: int, cfg_scale: float, device: torch.device, seed: int = 0) -> Callable[[], torch.Tensor]:
+    """A no-argument callable that runs one sampling step of `model` on fixed random inputs."""
+    config = model.config
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, config.in_channels, config.input_size, config.input_size, generator=gen).to(device)
+    t = torch.randint(0, 1000, (batch_size,), generator=gen).to(device)
+    if config.objective == "flow":
+        t = t.float() / 1000
+    y = torch.randint(0, config.num_classes, (batch_size,), generator=gen).to(device)
+    guided = cfg_scale != 1.0 and config.has_null_class
+    step = model_fn_for(model, y, cfg_scale if guided else 1.0)
+    return lambda: step(x, t)
+
+
+def measure_speed(
+    models: Sequence[tuple[str, nn.Module]],
+    batch_size: int,
+    *,
+    cfg_scale: float = 1.5,
+    sampling_steps: int = 250,
+    warmup: int = 3,
+    rounds: int = 10,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    progress: Callable[[str], None] | None = None,
+) -> list[SpeedResult]:
+    """Measure every model at the same settings, interleaved; speed-ups are over the first.
+
+    Args:
+        cfg_scale: guidance scale; != 1 doubles the batch of each forward (for models with a
+            null class).
+        sampling_steps: steps of a full sampling run, for images per second.
+        precision: "fp32" or "bf16" (autocast; on GPUs the usual choice).
+    """
+    if batch_size < 1 or rounds < 1 or warmup < 0 or sampling_steps < 1:
+        raise ValueError("batch size, rounds and sampling steps must be at least 1, warm-up at least 0")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    steps = []
+    for name, model in models:
+        model.eval().requires_grad_(False).to(device)
+        steps.append(sampling_step(model, batch_size, cfg_scale, device))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def timed(step: Callable[[], torch.Tensor]) -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    times: list[list[float]] = [[] for _ in models]
+    peaks: list[float | None] = [None] * len(models)
+    with torch.inference_mode(), autocast:
+        for i, step in enumerate(steps):
+            for _ in range(warmup):
+                step()
+            if cuda:  # the step's own peak, above what the weights already hold
+                torch.cuda.synchronize(device)
+                held = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                step()
+                torch.cuda.synchronize(device)
+                peaks[i] = (torch.cuda.max_memory_allocated(device) - held) / 2**20
+        for r in range(rounds):
+            for i, step in enumerate(steps):
+                times[i].append(timed(step))
+            if progress:
+                progress(f"round {r + 1}/{rounds}")
+
+    results = []
+    for (name, model), samples, peak in zip(models, times, peaks):
+        latency = statistics.median(samples)
+        quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [latency] * 3
+        guided = cfg_scale != 1.0 and model.config.has_null_class
+        results.append(SpeedResult(
+            name=name,
+            depth=model.config.depth,
+            parameters=count_parameters(model),
+            flops_per_step=forward_flops(model, 2 * batch_size if guided else batch_size),
+            latency_ms=latency * 1e3,
+            latency_spread_ms=(quartiles[2] - quartiles[0]) / 2 * 1e3,
+            images_per_s=batch_size / (latency * sampling_steps),
+            peak_memory_mib=peak,
+        ))
+    for result in results:
+        result.speedup = results[0].latency_ms / result.latency_ms
+    return results
+
+
+def process_peak_memory_mib(spec: str, batch_size: int, cfg_scale: float, precision: str, load_options: dict | None = None) -> float:
+    """CPU peak memory of sampling with one model, measured in a fresh process: the peak
+    resident size during one step (the kernel's high-water mark, reset after the model is
+    built so that building does not count) minus the resident size of the process before the
+    model existed. Weights, activations and allocator slack count; Python and torch do not."""
+    arguments = json.dumps([spec, batch_size, cfg_scale, precision, load_options or {}])
+    code = f"import json; from leandit.evaluate.speed import _memory_child; print(json.dumps(_memory_child(*json.loads({arguments!r}))))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring the memory of {spec} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _memory_child(spec: str, batch_size: int, cfg_scale: float, precision: str, load_options: dict) -> float:
+    from .model_specs import open_spec
+
+    torch.set_grad_enabled(False)
+    base = _status_kib("VmRSS")
+    model = open_spec(spec, **load_options).eval()
+    step = sampling_step(model, batch_size, cfg_scale, torch.device("cpu"))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        step()  # warm-up: lazily created kernels and buffers
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark to the current resident size
+        step()
+    return (_status_kib("VmHWM") - base) / 1024
