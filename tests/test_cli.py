@@ -50,7 +50,7 @@ def test_train_sample_info_round_trip_in_subprocesses(tmp_path):
     run_record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run_record["settings"]["steps"] == 4 and run_record["model_config"]["depth"] == 2
 
-    done = run_cli("sample", str(model_dir), "--out", str(tmp_path / "s"), "--num", "12", "--steps", "4", "--quiet",
+    done = run_cli("sample", str(model_dir), "--out", str(tmp_path / "s"), "--num-samples", "12", "--steps", "4", "--quiet",
                    "--device", "cpu")
     assert done.returncode == 0, done.stderr
     with np.load(tmp_path / "s" / "samples.npz") as f:

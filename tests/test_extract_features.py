@@ -321,7 +321,7 @@ def test_latent_pipeline_extract_train_sample(vae_dir, image_root, tmp_path):
                  "--set", "num_heads=2", "--set", "depth=1", "--set", "num_classes=2", "--data", str(shards),
                  "--steps", "2", "--batch-size", "4", "--device", "cpu", "--out", str(run), "--quiet"]) == 0
     samples = tmp_path / "samples"
-    assert main(["sample", str(run / "model"), "--vae", str(vae_dir), "--num", "3", "--steps", "2", "--device", "cpu",
+    assert main(["sample", str(run / "model"), "--vae", str(vae_dir), "--num-samples", "3", "--steps", "2", "--device", "cpu",
                  "--out", str(samples), "--quiet"]) == 0
     with np.load(samples / "samples.npz") as f:
         assert f["arr_0"].shape == (3, RES, RES, 3) and f["arr_0"].dtype == np.uint8

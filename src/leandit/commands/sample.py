@@ -1,4 +1,5 @@
-"""`leandit sample`: N images from a model -> a PNG grid and an ADM-layout .npz."""
+"""`leandit sample`: N images from a model -> an ADM-layout .npz and a PNG grid; resumable and
+split across torchrun ranks (see evaluate/sample_run.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
+from tqdm.auto import tqdm
+
 from ..diffusion import GaussianDiffusion, LinearFlow
 from ..data.vae import load_vae
-from ..evaluate.sampling import generate, make_labels, save_grid, save_npz, to_uint8_images
-from ..train.distributed import resolve_device
+from ..evaluate.sample_run import PartPlan, assemble, check_settings, first_images, make_parts
+from ..evaluate.sampling import check_sampling_options, generate, make_labels, save_grid, to_uint8_images
+from ..train.distributed import barrier, setup_distributed, teardown_distributed
 from .common import add_model_options, log, open_model
 
 SAMPLERS = GaussianDiffusion.samplers + LinearFlow.samplers
@@ -19,12 +24,15 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "sample",
         help="generate images: a PNG grid and an .npz (arr_0 = N x H x W x C uint8, arr_1 = labels)",
-        description="Generate N class-conditional samples. Image i's noise is seeded by (--seed, i): the "
-        "same command gives the same images whatever the batch size.",
+        description="Generate N class-conditional samples (50,000 for the standard FID) into <out>/samples.npz "
+        "(arr_0 = N x H x W x C uint8, arr_1 = labels) and a grid of the first images. Image i's noise is seeded by "
+        "(--seed, i): the same command gives the same images whatever the batch size or number of processes. Images "
+        "are made in parts under <out>/parts/: rerunning an interrupted command makes only the missing parts; "
+        "torchrun splits the parts across processes.",
     )
     p.add_argument("model", help="model folder, DiT/SiT checkpoint file (.pt/.safetensors), or a named size (random weights)")
     p.add_argument("--out", type=Path, required=True, help="output folder for samples.npz and grid.png")
-    p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--num-samples", type=int, default=64, help="number of samples (default 64; 50000 for the standard FID)")
     p.add_argument("--labels", default="balanced",
                    help="balanced (0,1,..,K-1,0,..), random (uniform, seeded), or comma-separated class ids (default balanced)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
@@ -37,6 +45,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--vae", type=Path, default=None, help="local diffusers AutoencoderKL folder to decode latent models")
+    p.add_argument("--part-size", type=int, default=1000, help="images per part file: the unit of resuming and of splitting across processes (default 1000)")
+    p.add_argument("--grid", type=int, default=100, help="images in grid.png, the first ones (default 100; 0 = no grid)")
     p.add_argument("--grid-columns", type=int, default=None, help="columns of the PNG grid (default: number of classes up to 16, else sqrt(N))")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -45,36 +55,57 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num < 1:
-        raise ValueError(f"--num must be at least 1, got {args.num}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = resolve_device(args.device)
-    model = open_model(args.model, args, device=device, allow_random=True)
-    config = model.config
-    vae = None
-    if config.space == "latent":
-        if args.vae is None:
-            raise ValueError("this model generates VAE latents: pass --vae PATH (a local diffusers AutoencoderKL folder)")
-        vae = load_vae(args.vae, device)
-    steps = args.steps if args.steps is not None else (250 if args.sampler == "ddpm" else 50)
-    labels = make_labels(args.num, config.num_classes, args.labels, args.seed)
-    started = time.perf_counter()
-    x = generate(
-        model,
-        labels,
-        sampler=args.sampler,
-        steps=steps,
-        cfg_scale=args.cfg_scale,
-        guided_channels=args.guided_channels,
-        eta=args.eta,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-    )
-    images = to_uint8_images(x, config.space, vae)
-    npz = save_npz(args.out / "samples.npz", images, labels.numpy())
-    columns = args.grid_columns or (config.num_classes if config.num_classes <= 16 and args.labels == "balanced" else None)
-    grid = save_grid(args.out / "grid.png", images, ncols=columns)
-    log(f"{args.num} samples in {time.perf_counter() - started:.1f} s: {npz} ({images.shape[1]}x{images.shape[2]}x{images.shape[3]} uint8), grid {grid}")
+    for option in ("num_samples", "batch_size", "part_size"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: pass a folder")
+    dist = setup_distributed(args.device)
+    try:
+        model = open_model(args.model, args, device=dist.device, allow_random=True)
+        config = model.config
+        vae = None
+        if config.space == "latent":
+            if args.vae is None:
+                raise ValueError("this model generates VAE latents: pass --vae PATH (a local diffusers AutoencoderKL folder)")
+            vae = load_vae(args.vae, dist.device)
+        steps = args.steps if args.steps is not None else (250 if args.sampler == "ddpm" else 50)
+        check_sampling_options(config, args.sampler, args.cfg_scale)  # before anything is written
+        labels = make_labels(args.num_samples, config.num_classes, args.labels, args.seed)
+        plan = PartPlan(args.num_samples, args.part_size)
+        settings = {
+            "model": str(args.model), "weights": args.weights, "num": args.num_samples, "labels": args.labels, "seed": args.seed,
+            "sampler": args.sampler, "steps": steps, "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels,
+            "eta": args.eta, "vae": str(args.vae) if args.vae else None, "part_size": args.part_size,
+        }
+        if dist.is_main:
+            check_settings(args.out, settings)
+        barrier()
+        if not dist.is_main:
+            check_settings(args.out, settings)  # every rank refuses alike
+
+        def render(indices: range) -> np.ndarray:
+            x = generate(model, labels[indices.start : indices.stop], sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale,
+                         guided_channels=args.guided_channels, eta=args.eta, seed=args.seed, indices=indices,
+                         batch_size=args.batch_size, progress=False)
+            return to_uint8_images(x, config.space, vae)
+
+        started = time.perf_counter()
+        mine = plan.parts_of(dist.rank, dist.world_size)
+        bar = tqdm(total=len(mine), disable=args.quiet or not dist.is_main, desc="parts", dynamic_ncols=True)
+        made = make_parts(plan, args.out, dist.rank, dist.world_size, render, labels.numpy(),
+                          progress=lambda done, total: bar.update(done - bar.n))
+        bar.close()
+        barrier()
+        if dist.is_main:
+            npz = assemble(plan, args.out)
+            log(f"{args.num_samples} samples ({plan.num_parts} parts, {made} made by this process in "
+                f"{time.perf_counter() - started:.1f} s on {dist.world_size} x {dist.device}): {npz}")
+            if args.grid > 0:
+                images, grid_labels = first_images(plan, args.out, args.grid)
+                columns = args.grid_columns or (config.num_classes if config.num_classes <= 16 and args.labels == "balanced" else None)
+                log(f"grid of the first {len(images)}: {save_grid(args.out / 'grid.png', images, ncols=columns)}")
+        barrier()
+    finally:
+        teardown_distributed()
     return 0

@@ -51,6 +51,17 @@ def model_fn_for(model: DiT, labels: torch.Tensor, cfg_scale: float = 1.0, guide
     )
 
 
+def check_sampling_options(config, sampler: str | None, cfg_scale: float) -> str:
+    """The sampler to use (the objective's default for None); refuses ones that do not fit."""
+    objective = make_objective(config)
+    sampler = sampler or objective.default_sampler
+    if sampler not in objective.samplers:
+        raise ValueError(f"sampler {sampler!r} does not fit a {config.objective} model; choose one of {objective.samplers}")
+    if cfg_scale != 1.0 and not config.has_null_class:
+        raise ValueError("this model has no null class: it cannot use classifier-free guidance (use --cfg-scale 1)")
+    return sampler
+
+
 @torch.no_grad()
 def generate(
     model: DiT,
@@ -73,11 +84,7 @@ def generate(
     """
     config = model.config
     objective = make_objective(config)
-    sampler = sampler or objective.default_sampler
-    if sampler not in objective.samplers:
-        raise ValueError(f"sampler {sampler!r} does not fit a {config.objective} model; choose one of {objective.samplers}")
-    if cfg_scale != 1.0 and not config.has_null_class:
-        raise ValueError("this model has no null class: it cannot use classifier-free guidance (use --cfg-scale 1)")
+    sampler = check_sampling_options(config, sampler, cfg_scale)
     device = next(model.parameters()).device
     indices = list(range(len(labels))) if indices is None else list(indices)
     shape = (config.in_channels, config.input_size, config.input_size)
