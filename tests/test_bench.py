@@ -61,3 +61,37 @@ def test_bench_command_prints_and_writes_the_table(tmp_path, capsys):
     assert out.read_text().startswith("Machine: ") and "speed-up" in out.read_text()
     assert main(["bench", "DiT-S/2:depth", "--rounds", "1"]) == 2
     assert "FIELD=VALUE" in capsys.readouterr().err
+
+
+def test_width_slicing_equals_masking_the_removed_heads_and_channels():
+    from leandit.models.width import slice_width
+    from conftest import randomize_
+
+    model = randomize_(tiny_model(depth=2, hidden_size=64, num_heads=4), std=0.1)
+    narrow = slice_width(model, heads=2, mlp_hidden=100)
+    assert narrow.blocks[0].attn.qkv.out_features == 3 * 32 and narrow.blocks[1].mlp.fc2.in_features == 100
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 50, 900]), torch.tensor([1, 2, 3])
+    head_mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    channel_mask = (torch.arange(256) < 100).float()
+    with torch.no_grad():
+        tokens, c, _ = model.embed(x, t, y)
+        for block in model.blocks:
+            tokens = block(tokens, c, head_mask=head_mask, channel_mask=channel_mask)
+        masked = model.unpatchify(model.final_layer(tokens, c))
+        assert torch.allclose(narrow(x, t, y), masked, atol=1e-6)
+    with pytest.raises(ValueError, match="keep 1..4 heads"):
+        slice_width(model, 5, 10)
+
+
+def test_curve_measures_depth_and_width_variants_and_draws_them(tmp_path, capsys):
+    png, js = tmp_path / "curve.png", tmp_path / "curve.json"
+    assert main(["bench", TINY + ",depth=4", "--curve", str(png), "--keep", "0.5", "--rounds", "2", "--warmup", "1",
+                 "--batch-size", "2", "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["full", "depth", "width"]
+    assert rows[1]["depth"] == 2 and rows[2]["depth"] == 4
+    assert rows[1]["compute_ratio"] == pytest.approx(rows[0]["flops_per_step"] / rows[1]["flops_per_step"])
+    assert 1.5 < rows[1]["compute_ratio"] < 2.1 and 1.5 < rows[2]["compute_ratio"] < 2.1
+    assert png.stat().st_size > 5000 and "share of the limit" in capsys.readouterr().out
+    assert main(["bench", TINY, TINY, "--curve", str(png)]) == 2
+    assert "exactly one MODEL" in capsys.readouterr().err

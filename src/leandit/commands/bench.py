@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ..evaluate.model_specs import open_spec
-from ..evaluate.speed import SpeedResult, measure_speed, process_peak_memory_mib
+from ..evaluate.plots import plot_speedup_curve
+from ..evaluate.speed import SpeedResult, compression_variants, measure_speed, process_peak_memory_mib
 from ..train.distributed import resolve_device
 from .common import add_model_options, log
 
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
         "over the first model. MODEL is a model folder, a checkpoint file, or a named size with random weights and "
         "optional overrides, e.g. DiT-XL/2 DiT-XL/2:depth=14 DiT-XL/2:depth=7.",
     )
-    p.add_argument("models", nargs="+", metavar="MODEL", help="models to compare; speed-ups are over the first")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="models to compare; speed-ups are over the first (with --curve: one model)")
     p.add_argument("--batch-size", type=int, default=2, help="images per sampling step (default 2)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1 = no guidance (default 1.5: a step runs 2 x batch)")
     p.add_argument("--sampling-steps", type=int, default=250, help="steps of a full sampling run, for images/s (default 250, DiT's DDPM)")
@@ -36,6 +37,10 @@ def add_parser(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto = bf16 autocast on GPUs, fp32 on CPU (default auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (on CPU it runs each model once more in a fresh process)")
+    p.add_argument("--curve", type=Path, metavar="PNG",
+                   help="instead: the speed-up curve of depth and width pruning of the one MODEL (TinyFusion Figure 4) as this PNG, "
+                   "with the table of every point")
+    p.add_argument("--keep", default="0.75,0.5,0.25", help="--curve: kept fractions of blocks / of heads and MLP channels (default 0.75,0.5,0.25)")
     p.add_argument("--out", type=Path, help="also write the table as markdown to this file (with the machine and command)")
     p.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     add_model_options(p)
@@ -49,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     load_options = {"weights": args.weights, "num_heads": args.num_heads, "objective": args.objective, "space": args.space,
                     "trust_checkpoint": args.trust_checkpoint}
+    if args.curve:
+        return _run_curve(args, device, precision, load_options)
     models = [(spec, open_spec(spec, **load_options)) for spec in args.models]
     log(f"measuring {len(models)} models at batch {args.batch_size} on {device} ({precision}), "
         f"{args.warmup} warm-up steps, {args.rounds} interleaved rounds")
@@ -93,3 +100,37 @@ def describe_machine(device: torch.device, precision: str) -> str:
     else:
         where = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     return f"{where}, {precision}, torch {torch.__version__}"
+
+
+def _run_curve(args: argparse.Namespace, device, precision: str, load_options: dict) -> int:
+    if len(args.models) != 1:
+        raise ValueError("--curve measures one model against its depth- and width-pruned versions: give exactly one MODEL")
+    try:
+        keep = [float(f) for f in args.keep.split(",") if f.strip()]
+    except ValueError:
+        raise ValueError(f"--keep takes comma-separated fractions, e.g. 0.75,0.5; got {args.keep!r}") from None
+    variants = compression_variants(open_spec(args.models[0], **load_options), keep)
+    log(f"measuring {len(variants)} variants of {args.models[0]} at batch {args.batch_size} on {device} ({precision})")
+    results = measure_speed([(name, model) for _, name, _, model in variants], args.batch_size, cfg_scale=args.cfg_scale,
+                            sampling_steps=args.sampling_steps, warmup=args.warmup, rounds=args.rounds, device=device,
+                            precision=precision)
+    full_flops = results[0].flops_per_step
+    rows = [{"kind": kind, "keep": f, **r.to_dict(), "compute_ratio": full_flops / r.flops_per_step}
+            for (kind, _, f, _), r in zip(variants, results)]
+    lines = ["| variant | kept | compute ratio (linear limit) | latency / step (ms) | speed-up | share of the limit |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['name']} | {row['keep']:g} | {row['compute_ratio']:.2f}x | {row['latency_ms']:,.1f} ± {row['latency_spread_ms']:,.1f} "
+                     f"| **{row['speedup']:.2f}x** | {row['speedup'] / row['compute_ratio'] * 100:.0f} % |")
+    table = "\n".join(lines)
+    print(table)
+    title = f"{args.models[0]}: speed-up of depth and width pruning ({device.type}, {precision}, batch {args.batch_size})"
+    plot_speedup_curve(rows, args.curve, title=title)
+    log(f"wrote {args.curve}")
+    machine = describe_machine(device, precision)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"Machine: {machine}.\n\n{table}\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    return 0

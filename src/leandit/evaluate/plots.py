@@ -119,3 +119,24 @@ def plot_activation_histograms(layers: Sequence, out: str | Path, title: str | N
     fig.savefig(out)
     plt.close(fig)
     return Path(out)
+
+
+def plot_speedup_curve(rows: Sequence[dict], out: str | Path, title: str | None = None) -> Path:
+    """Measured speed-up against the compute ratio (full MACs / compressed MACs) for depth and
+    width pruning, with the linear limit y = x (TinyFusion Figure 4)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    top = max(max(r["compute_ratio"] for r in rows), max(r["speedup"] for r in rows)) * 1.05
+    ax.plot([1, top], [1, top], color="0.5", linestyle="--", label="linear limit (speed-up = compute ratio)")
+    for kind, marker in (("depth", "o"), ("width", "s")):
+        points = sorted((r["compute_ratio"], r["speedup"]) for r in rows if r["kind"] in (kind, "full"))
+        ax.plot(*zip(*points), marker=marker, label=f"{kind} pruning")
+    ax.set_xlabel("compute ratio (MACs of the full model / MACs of the pruned one)")
+    ax.set_ylabel("measured speed-up (latency ratio)")
+    ax.set_title(title or "Speed-up of depth and width pruning", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)

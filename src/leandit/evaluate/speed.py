@@ -172,3 +172,24 @@ def _memory_child(spec: str, batch_size: int, cfg_scale: float, precision: str, 
             f.write("5")  # reset the high-water mark to the current resident size
         step()
     return (_status_kib("VmHWM") - base) / 1024
+
+
+def compression_variants(model: nn.Module, keep: Sequence[float]) -> list[tuple[str, str, float, nn.Module]]:
+    """(kind, name, kept fraction, model) for depth pruning (the first round(L * f) blocks:
+    which blocks does not matter for speed) and uniform width pruning (round(H * f) heads and
+    round(M * f) MLP channels) at each kept fraction f, plus the full model first."""
+    from ..models.blocks import block_list, depth_of, keep_blocks
+    from ..models.width import slice_width
+
+    depth = depth_of(model)
+    first = block_list(model)[0]
+    heads, channels = first.attn.num_heads, first.mlp.fc1.out_features
+    variants: list[tuple[str, str, float, nn.Module]] = [("full", f"full ({depth} blocks)", 1.0, model)]
+    for f in keep:
+        if not 0 < f < 1:
+            raise ValueError(f"kept fractions must be between 0 and 1, got {f}")
+        d = max(1, round(depth * f))
+        variants.append(("depth", f"depth {d}/{depth}", f, keep_blocks(model, list(range(d)))))
+        h, m = max(1, round(heads * f)), max(1, round(channels * f))
+        variants.append(("width", f"width {h}/{heads} heads, {m}/{channels} MLP", f, slice_width(model, h, m)))
+    return variants

@@ -128,7 +128,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
         if head_mask is not None:
             out = out * _per_sample(head_mask, n)[:, :, None, None]  # (N, H, T, Dh)
-        out = out.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
+        out = out.transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim)  # (N, T, H*Dh): D unless heads were removed
         return self.proj(out)  # (N, T, D)
 
 

@@ -1,0 +1,33 @@
+"""The demo's whole story with tiny settings: every stage runs through the real commands,
+the report has its table and grids, and a rerun reuses finished stages."""
+
+from __future__ import annotations
+
+import json
+
+from leandit.demo import DemoSettings, run_demo
+
+TINY = DemoSettings(prune_steps=3, recover_steps=3, batch_size=16, samples_per_class=3, sampling_steps=3, bench_rounds=1)
+
+
+def test_the_demo_prunes_recovers_measures_and_reports_then_reuses_its_stages(tmp_path):
+    messages: list[str] = []
+    report = run_demo(tmp_path / "demo", progress=False, log=messages.append, settings=TINY)
+    text = report.read_text()
+    for name in ("teacher", "learnable 1:2", "ShortGPT", "oracle"):
+        assert f"| {name} |" in text
+    assert "| ShortGPT | [0, 1, 2, 3, 4, 5] |" in text and "| oracle | [0, 2, 4, 7, 9, 11] |" in text
+    for grid in ("teacher_grid.png", "learnable_grid.png", "shortgpt_grid.png", "oracle_grid.png"):
+        assert (tmp_path / "demo" / grid).stat().st_size > 500 and f"({grid})" in text
+    state = json.loads((tmp_path / "demo" / "state.json").read_text())
+    recovered = json.loads((tmp_path / "demo" / "recover-learnable" / "model" / "compression.json").read_text())
+    assert [r["method"] for r in recovered] == ["learnable", "recovery"] and recovered[-1]["steps"] == 3
+    speed = state["speed"]["result"]
+    assert speed["teacher"]["speedup"] == 1.0 and speed["oracle"]["depth"] == 6
+    assert state["sample-oracle-recovered"]["result"]["digits_fid"] >= 0
+    messages.clear()
+    run_demo(tmp_path / "demo", progress=False, log=messages.append, settings=TINY)
+    assert not any("running" in m for m in messages) and any("reusing" in m for m in messages)
+    messages.clear()
+    run_demo(tmp_path / "demo", progress=False, log=messages.append, settings=TINY, redo={"speed"})
+    assert [m for m in messages if "running" in m] == ["[speed] running ..."]
