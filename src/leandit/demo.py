@@ -37,7 +37,7 @@ CFG_SCALE = 1.0
 class DemoSettings:
     """How much work each stage does; the defaults fit in 10 minutes on a 2-core CPU."""
 
-    prune_steps: int = 500
+    prune_steps: int = 1000
     recover_steps: int = 400
     batch_size: int = 64
     samples_per_class: int = 100
@@ -138,7 +138,9 @@ def run_demo(
 
         def prune(prune_args=prune_args, prune_dir=prune_dir) -> dict[str, Any]:
             _cli("prune", str(teacher_dir), *prune_args, "--out", str(prune_dir), "--device", str(device), *quiet)
-            return {"kept": json.loads((prune_dir / "decision.json").read_text())["kept_indices"]}
+            decision = json.loads((prune_dir / "decision.json").read_text())
+            confidences = [g["confidence"] for g in decision.get("groups") or [] if "confidence" in g]
+            return {"kept": decision["kept_indices"], "lowest_confidence": min(confidences) if confidences else None}
 
         def recover(prune_dir=prune_dir, recover_dir=recover_dir) -> dict[str, Any]:
             _cli("finetune", str(prune_dir / "model"), "--teacher", str(teacher_dir), "--mix", "masked-kd",
@@ -150,6 +152,7 @@ def run_demo(
         stages.run(f"recover-{slug}", {"pruned": pruned, "steps": s.recover_steps, "batch_size": s.batch_size, "mix": "masked-kd"}, recover)
         rows[name] = {
             "kept": pruned["kept"],
+            "lowest_confidence": pruned.get("lowest_confidence"),
             "before": stages.run(f"sample-{slug}-pruned", {"pruned": pruned, **sample},
                                  lambda prune_dir=prune_dir, name=name: sample_and_score(f"{name} pruned", prune_dir / "model")),
             "after": stages.run(f"sample-{slug}-recovered", {"pruned": pruned, "recover_steps": s.recover_steps, **sample},
@@ -189,7 +192,10 @@ def _report(info: dict, rows: dict, speeds: dict, s: DemoSettings, seconds: floa
         f"The embedded digits teacher ({info['architecture']['depth']} blocks, hidden {info['architecture']['hidden_size']}, "
         f"{info['parameters'] / 1e6:.2f} M parameters, {info['tokens']} tokens) pruned to 6 blocks three ways and recovered "
         f"with masked KD for {s.recover_steps} steps at batch {s.batch_size} (`leandit finetune --mix masked-kd`; the learnable "
-        f"mask from {s.prune_steps} steps of `leandit prune --method learnable --scheme 1:2`).",
+        f"mask from {s.prune_steps} steps of `leandit prune --method learnable --scheme 1:2`"
+        + (f", lowest group confidence {rows['learnable 1:2']['lowest_confidence']:.2f}: a short run; "
+           "benchmarks/depth_pruning_digits.md has the 2000-step decision" if rows.get("learnable 1:2", {}).get("lowest_confidence") else "")
+        + ").",
         "",
         "| method | blocks kept | params | GFLOPs / forward | digits-FID before recovery | digits-FID after | "
         "class agreement after | speed-up |",
