@@ -10,7 +10,7 @@ from leandit.demo import DemoSettings, run_demo
 TINY = DemoSettings(prune_steps=3, recover_steps=3, batch_size=16, samples_per_class=3, sampling_steps=3, bench_rounds=1)
 
 
-def test_the_demo_prunes_recovers_measures_and_reports_then_reuses_its_stages(tmp_path):
+def test_the_demo_prunes_recovers_measures_and_reports_then_reuses_its_stages(tmp_path, capsys):
     messages: list[str] = []
     report = run_demo(tmp_path / "demo", progress=False, log=messages.append, settings=TINY)
     text = report.read_text()
@@ -31,3 +31,13 @@ def test_the_demo_prunes_recovers_measures_and_reports_then_reuses_its_stages(tm
     messages.clear()
     run_demo(tmp_path / "demo", progress=False, log=messages.append, settings=TINY, redo={"speed"})
     assert [m for m in messages if "running" in m] == ["[speed] running ..."]
+    # Redoing a recovery trains it afresh (not resumed from its old checkpoints) and reruns
+    # the stages that use its model.
+    before = (tmp_path / "demo" / "recover-oracle" / "model" / "model.safetensors").stat().st_mtime_ns
+    messages.clear()
+    capsys.readouterr()
+    run_demo(tmp_path / "demo", progress=False, log=messages.append, settings=TINY, redo={"recover-oracle"})
+    assert [m for m in messages if "running" in m] == ["[recover-oracle] running ...", "[sample-oracle-recovered] running ...",
+                                                      "[speed] running ..."]
+    assert (tmp_path / "demo" / "recover-oracle" / "model" / "model.safetensors").stat().st_mtime_ns != before
+    assert "resuming" not in capsys.readouterr().err  # the loop announces a resume on stderr

@@ -115,11 +115,16 @@ def test_eval_runs_the_whole_inception_path_and_caches_reference_features(incept
     common = ["--ref", str(ref), "--inception", str(inception), "--cache", str(cache), "--quiet"]
     assert main(["eval", str(same), *common, "--out", str(tmp_path / "same.json")]) == 0
     result = json.loads((tmp_path / "same.json").read_text())
-    assert result["feature_network"] == "inception-v3-2015-12-05" and result["num_samples"] == 10
+    assert result["feature_network"].startswith("inception-v3-2015-12-05-") and result["num_samples"] == 10
     assert result["precision"] == result["recall"] == 1.0 and result["inception_score"] >= 1.0
     assert len(list(cache.glob("*.npz"))) == 1  # the reference's features, reused below
     capsys.readouterr()
-    assert main(["eval", str(other), *common]) == 0
+    from leandit.evaluate import feature_nets
+
+    counted = mock.patch.object(feature_nets, "extract_features", wraps=feature_nets.extract_features)
+    with counted as extract:
+        assert main(["eval", str(other), *common]) == 0
+    assert extract.call_count == 1  # the samples only: the reference's features came from the cache
     shifted = json.loads(capsys.readouterr().out)
     # Identical sets: 0 up to the square root of a rank-9 covariance product.
     for metric in ("fid", "sfid"):
@@ -135,12 +140,14 @@ def test_eval_runs_the_whole_inception_path_and_caches_reference_features(incept
         (["--ref", "{ref}", "--inception", "{ref}"], "not Inception FID weights"),
         (["--ref", "{missing}"], "image file not found"),
         (["--ref", "{bad}"], "no arr_0"),
+        (["--ref", "{empty}"], "N >= 1"),
     ],
 )
 def test_eval_refuses_missing_or_wrong_files_in_one_line(tmp_path, capsys, extra, message):
     ref = _npz(tmp_path / "ref.npz", np.zeros((4, 16, 16, 3), dtype=np.uint8))
     np.savez(tmp_path / "bad.npz", images=np.zeros(3))
-    paths = {"ref": ref, "missing": tmp_path / "nope.pth", "bad": tmp_path / "bad.npz"}
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 16, 16, 3), dtype=np.uint8))
+    paths = {"ref": ref, "missing": tmp_path / "nope.pth", "bad": tmp_path / "bad.npz", "empty": tmp_path / "empty.npz"}
     args = [a.format(**paths) for a in extra]
     assert main(["eval", str(ref), *args, "--features", "inception", "--no-cache"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

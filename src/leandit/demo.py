@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,11 @@ class Stages:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "state.json"
         self.state = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def stamp(self, name: str) -> str:
+        """When stage `name` last finished: part of the settings of the stages that use its
+        output, so that a rerun of it reruns them too."""
+        return self.state[name]["finished"]
 
     def run(self, name: str, settings: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         cached = self.state.get(name)
@@ -137,25 +143,28 @@ def run_demo(
         prune_dir, recover_dir = folder / f"prune-{slug}", folder / f"recover-{slug}"
 
         def prune(prune_args=prune_args, prune_dir=prune_dir) -> dict[str, Any]:
+            shutil.rmtree(prune_dir, ignore_errors=True)  # a rerun starts afresh, not from old checkpoints
             _cli("prune", str(teacher_dir), *prune_args, "--out", str(prune_dir), "--device", str(device), *quiet)
             decision = json.loads((prune_dir / "decision.json").read_text())
             confidences = [g["confidence"] for g in decision.get("groups") or [] if "confidence" in g]
             return {"kept": decision["kept_indices"], "lowest_confidence": min(confidences) if confidences else None}
 
         def recover(prune_dir=prune_dir, recover_dir=recover_dir) -> dict[str, Any]:
+            shutil.rmtree(recover_dir, ignore_errors=True)
             _cli("finetune", str(prune_dir / "model"), "--teacher", str(teacher_dir), "--mix", "masked-kd",
                  "--steps", str(s.recover_steps), "--batch-size", str(s.batch_size), "--out", str(recover_dir),
                  "--device", str(device), *quiet)
             return {"model": str(recover_dir / "model")}
 
         pruned = stages.run(f"prune-{slug}", {"model": teacher_id, "args": prune_args}, prune)
-        stages.run(f"recover-{slug}", {"pruned": pruned, "steps": s.recover_steps, "batch_size": s.batch_size, "mix": "masked-kd"}, recover)
+        stages.run(f"recover-{slug}", {"pruned": stages.stamp(f"prune-{slug}"), "steps": s.recover_steps, "batch_size": s.batch_size,
+                                       "mix": "masked-kd"}, recover)
         rows[name] = {
             "kept": pruned["kept"],
             "lowest_confidence": pruned.get("lowest_confidence"),
-            "before": stages.run(f"sample-{slug}-pruned", {"pruned": pruned, **sample},
+            "before": stages.run(f"sample-{slug}-pruned", {"pruned": stages.stamp(f"prune-{slug}"), **sample},
                                  lambda prune_dir=prune_dir, name=name: sample_and_score(f"{name} pruned", prune_dir / "model")),
-            "after": stages.run(f"sample-{slug}-recovered", {"pruned": pruned, "recover_steps": s.recover_steps, **sample},
+            "after": stages.run(f"sample-{slug}-recovered", {"recovered": stages.stamp(f"recover-{slug}"), **sample},
                                 lambda recover_dir=recover_dir, name=name: sample_and_score(f"{name} recovered", recover_dir / "model")),
         }
 
@@ -165,10 +174,12 @@ def run_demo(
                                 device=device)
         return {r.name: r.to_dict() for r in results}
 
-    speeds = stages.run("speed", {"models": [teacher_id, *[str(rows[n]["kept"]) for n in PRUNINGS]], "batch": 250,
+    speeds = stages.run("speed", {"models": [teacher_id, *[stages.stamp(f"recover-{_slug(n)}") for n in PRUNINGS]], "batch": 250,
                                   "rounds": s.bench_rounds}, speed)
     report = folder / "report.md"
-    report.write_text(_report(info, rows, speeds, s, time.perf_counter() - started))
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text(_report(info, rows, speeds, s, time.perf_counter() - started))
+    tmp.replace(report)
     return report
 
 

@@ -69,12 +69,12 @@ def run(args: argparse.Namespace) -> int:
     machine = describe_machine(device, precision)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"Machine: {machine}.\n\n{table}\n")
+        _write(args.out, f"Machine: {machine}.\n\n{table}\n")
         log(f"wrote {args.out}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine, "batch_size": args.batch_size, "cfg_scale": args.cfg_scale,
-                                         "rows": [r.to_dict() for r in results]}, indent=2) + "\n")
+        _write(args.json, json.dumps({"machine": machine, "batch_size": args.batch_size, "cfg_scale": args.cfg_scale,
+                                      "rows": [r.to_dict() for r in results]}, indent=2) + "\n")
     return 0
 
 
@@ -129,8 +129,17 @@ def _run_curve(args: argparse.Namespace, device, precision: str, load_options: d
     machine = describe_machine(device, precision)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"Machine: {machine}.\n\n{table}\n")
+        _write(args.out, f"Machine: {machine}.\n\n{table}\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+        _write(args.json, json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

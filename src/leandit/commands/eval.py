@@ -45,6 +45,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.batch_size < 1:
         raise ValueError("--k and --batch-size must be at least 1")
+    if args.out is not None and args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder: pass a file name such as {args.out / 'metrics.json'}")
     samples = read_images(args.samples)
     if args.ref == "digits":
         reference, _ = digits_as_uint8()
@@ -82,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.out)
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        try:
+            tmp.write_text(text + "\n")
+            tmp.replace(args.out)
+        finally:
+            tmp.unlink(missing_ok=True)
     return 0

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..diffusion import GaussianDiffusion, LinearFlow
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out} is a file: pass a folder")
     dist = setup_distributed(args.device)
     try:
+        torch.manual_seed(args.seed)  # a named size's random weights: the same on every rank and every resume
         model = open_model(args.model, args, device=dist.device, allow_random=True)
         config = model.config
         vae = None
@@ -74,15 +76,18 @@ def run(args: argparse.Namespace) -> int:
         labels = make_labels(args.num_samples, config.num_classes, args.labels, args.seed)
         plan = PartPlan(args.num_samples, args.part_size)
         settings = {
-            "model": str(args.model), "weights": args.weights, "num": args.num_samples, "labels": args.labels, "seed": args.seed,
+            "model": str(args.model), "model_files": _files_stamp(args.model), "weights": args.weights, "objective": args.objective,
+            "space": args.space, "num_heads": args.num_heads, "num": args.num_samples, "labels": args.labels, "seed": args.seed,
             "sampler": args.sampler, "steps": steps, "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels,
             "eta": args.eta, "vae": str(args.vae) if args.vae else None, "part_size": args.part_size,
         }
         if dist.is_main:
-            check_settings(args.out, settings)
+            try:
+                check_settings(args.out, settings)  # writes them for a new run
+            except ValueError:
+                pass  # refused below by every rank alike, so no rank waits at a barrier for it
         barrier()
-        if not dist.is_main:
-            check_settings(args.out, settings)  # every rank refuses alike
+        check_settings(args.out, settings)
 
         def render(indices: range) -> np.ndarray:
             x = generate(model, labels[indices.start : indices.stop], sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale,
@@ -109,3 +114,13 @@ def run(args: argparse.Namespace) -> int:
     finally:
         teardown_distributed()
     return 0
+
+
+def _files_stamp(spec: str) -> list | None:
+    """Size and modification time of a model's weight files: retrained weights in the same
+    place must not be mixed with parts made from the old ones."""
+    path = Path(spec)
+    if not path.exists():
+        return None  # a named size: its weights follow from the seed
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]

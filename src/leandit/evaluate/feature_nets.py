@@ -52,6 +52,7 @@ class InceptionFeatures(nn.Module):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise OSError(f"{weights}: not Inception FID weights ({first}); expected {INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}") from None
         self.net.eval()
+        self.name = f"{InceptionFeatures.name}-{file_digest(weights)[:12]}"  # cache entries per weights file
         self._spatial: torch.Tensor | None = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 
@@ -68,6 +69,15 @@ class InceptionFeatures(nn.Module):
         return {"pool": pool, "spatial": spatial, "logits": logits}
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, read in chunks (reference files are gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_images(path: str | Path) -> np.ndarray:
     """arr_0 of an ADM-layout .npz: uint8 images (N, H, W, C), checked."""
     path = Path(path)
@@ -82,8 +92,8 @@ def read_images(path: str | Path) -> np.ndarray:
         if "arr_0" in str(err):
             raise
         raise OSError(f"{path}: not a readable .npz ({err}); is it complete?") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{path}: arr_0 is {images.dtype} {images.shape}; expected uint8 N x H x W x C with C = 1 or 3")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) == 0:
+        raise ValueError(f"{path}: arr_0 is {images.dtype} {images.shape}; expected uint8 N x H x W x C with N >= 1 and C = 1 or 3")
     return images
 
 
@@ -111,7 +121,7 @@ def cached_features(
     network's name (reference statistics are computed once)."""
     if cache_dir is None:
         return extract_features(net, images, **extract_options)
-    digest = hashlib.sha256(Path(images_path).read_bytes()).hexdigest()[:20]
+    digest = file_digest(images_path)[:20]
     cache = Path(cache_dir) / f"{name}-{digest}.npz"
     if cache.is_file():
         with np.load(cache) as data:
