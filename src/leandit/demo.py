@@ -27,6 +27,7 @@ from .evaluate.feature_nets import extract_features
 from .evaluate.metrics import all_metrics
 from .evaluate.sampling import generate, make_labels, save_grid, save_npz, to_uint8_images
 from .evaluate.speed import measure_speed
+from .files import write_text_atomically
 from .models import load_model
 
 # Sampling settings of the demo (chosen by measurement: see the teacher's README.md).
@@ -80,9 +81,7 @@ class Stages:
             "seconds": round(seconds, 2),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
-        tmp.replace(self.path)
+        write_text_atomically(self.path, json.dumps(self.state, indent=2) + "\n")
         self.log(f"[{name}] done in {seconds:.1f} s")
         return result
 
@@ -177,9 +176,7 @@ def run_demo(
     speeds = stages.run("speed", {"models": [teacher_id, *[stages.stamp(f"recover-{_slug(n)}") for n in PRUNINGS]], "batch": 250,
                                   "rounds": s.bench_rounds}, speed)
     report = folder / "report.md"
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text(_report(info, rows, speeds, s, time.perf_counter() - started))
-    tmp.replace(report)
+    write_text_atomically(report, _report(info, rows, speeds, s, time.perf_counter() - started))
     return report
 
 

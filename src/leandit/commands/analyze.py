@@ -35,7 +35,7 @@ from ..evaluate.plots import plot_activation_histograms, plot_calibration_histog
 from ..models.blocks import depth_of
 from ..models.io import read_compression
 from ..train.distributed import resolve_device
-from .common import add_model_options, check_data_fits, log, open_model
+from .common import add_calibration_options, add_model_options, check_data_fits, log, open_model
 
 BASELINES = (*SCORE_METHODS, "oracle")
 HISTOGRAM = "calibration_histogram.png"
@@ -63,10 +63,7 @@ def add_parser(sub) -> None:
     c.add_argument("--baselines", default=",".join(BASELINES), help=f"baselines to mark, comma-separated from {', '.join(BASELINES)}; '' for none (default all)")
     c.add_argument("--mark", action="append", default=[], metavar="NAME=FOLDER",
                    help="mark a pruned model folder's kept blocks (evaluated on this model's weights), e.g. learnable=runs/prune/model (repeatable)")
-    c.add_argument("--data", default="digits", help="'digits' or a folder of latent shards (default digits)")
-    c.add_argument("--calibration-size", type=int, default=256, help="images in the calibration set (default 256)")
-    c.add_argument("--calibration-seed", type=int, default=0, help="seed of the calibration noise (default 0)")
-    c.add_argument("--eval-batch-size", type=int, default=64, help="batch size of calibration forward passes (default 64)")
+    add_calibration_options(c)
     c.add_argument("--seed", type=int, default=0, help="seed of the random masks (default 0)")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -85,10 +82,7 @@ def add_parser(sub) -> None:
     a.add_argument("--out", type=Path, required=True, help=f"folder for {ACTIVATIONS_PLOT}, {ACTIVATIONS_TABLE} and summary.json")
     a.add_argument("--k", default="2,4", help="outlier thresholds in standard deviations to count, comma-separated (default 2,4)")
     a.add_argument("--bins", type=int, default=100, help="histogram bins per block (default 100)")
-    a.add_argument("--data", default="digits", help="'digits' or a folder of latent shards (default digits)")
-    a.add_argument("--calibration-size", type=int, default=256, help="images in the calibration set (default 256)")
-    a.add_argument("--calibration-seed", type=int, default=0, help="seed of the calibration noise (default 0)")
-    a.add_argument("--eval-batch-size", type=int, default=64, help="batch size of the forward passes (default 64)")
+    add_calibration_options(a)
     a.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     add_model_options(a)
     a.set_defaults(run=run_activations)

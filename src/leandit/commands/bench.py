@@ -13,6 +13,7 @@ import torch
 
 from ..evaluate.model_specs import open_spec
 from ..evaluate.plots import plot_speedup_curve
+from ..files import write_text_atomically
 from ..evaluate.speed import SpeedResult, compression_variants, measure_speed, process_peak_memory_mib
 from ..train.distributed import resolve_device
 from .common import add_model_options, log
@@ -68,12 +69,10 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     machine = describe_machine(device, precision)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        _write(args.out, f"Machine: {machine}.\n\n{table}\n")
+        write_text_atomically(args.out, f"Machine: {machine}.\n\n{table}\n")
         log(f"wrote {args.out}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        _write(args.json, json.dumps({"machine": machine, "batch_size": args.batch_size, "cfg_scale": args.cfg_scale,
+        write_text_atomically(args.json, json.dumps({"machine": machine, "batch_size": args.batch_size, "cfg_scale": args.cfg_scale,
                                       "rows": [r.to_dict() for r in results]}, indent=2) + "\n")
     return 0
 
@@ -128,18 +127,8 @@ def _run_curve(args: argparse.Namespace, device, precision: str, load_options: d
     log(f"wrote {args.curve}")
     machine = describe_machine(device, precision)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        _write(args.out, f"Machine: {machine}.\n\n{table}\n")
+        write_text_atomically(args.out, f"Machine: {machine}.\n\n{table}\n")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        _write(args.json, json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+        write_text_atomically(args.json, json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     return 0
 
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
+from ..files import write_text_atomically
 from ..models import NAMED_CONFIGS, DiT, build_model, load_model
 from ..models.config import OBJECTIVES, SPACES
 from ..train.loop import PRECISIONS
@@ -77,6 +78,14 @@ def open_model(spec: str, args: argparse.Namespace, device="cpu", allow_random: 
         trust_checkpoint=args.trust_checkpoint,
         device=device,
     )
+
+
+def add_calibration_options(group) -> None:
+    """The fixed calibration set of the depth baselines and analyses."""
+    group.add_argument("--data", default="digits", help="'digits' or a folder of latent shards (default digits)")
+    group.add_argument("--calibration-size", type=int, default=256, help="images in the calibration set (default 256)")
+    group.add_argument("--calibration-seed", type=int, default=0, help="seed of the calibration noise (default 0)")
+    group.add_argument("--eval-batch-size", type=int, default=64, help="batch size of calibration forward passes (default 64)")
 
 
 def add_run_options(group, checkpoint_every: int, precision_help: str = "") -> None:
@@ -144,6 +153,4 @@ def write_run_record(out: Path, settings: dict[str, Any], model, world_size: int
     path = out / "run.json"
     record = json.loads(path.read_text()) if path.exists() else {"settings": settings, "model_config": model.config.to_dict()}
     record.setdefault("invocations", []).append(invocation)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(record, indent=2) + "\n")

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..evaluate.digits_features import digits_as_uint8, load_digits_features
 from ..evaluate.feature_nets import InceptionFeatures, cached_features, read_images
 from ..evaluate.metrics import all_metrics
+from ..files import write_text_atomically
 from ..train.distributed import resolve_device
 from .common import log
 
@@ -83,11 +84,5 @@ def run(args: argparse.Namespace) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        try:
-            tmp.write_text(text + "\n")
-            tmp.replace(args.out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomically(args.out, text + "\n")
     return 0

@@ -21,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..files import savez_atomically, write_text_atomically
+
 PARTS = "parts"
 SETTINGS = "sampling.json"
 
@@ -60,10 +62,7 @@ def check_settings(out: Path, settings: dict) -> None:
         if changed:
             raise ValueError(f"{out} holds samples made with other settings ({', '.join(changed)}); use the same options or a new --out")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(settings, indent=2) + "\n")
 
 
 def read_part(path: Path, expected: range) -> tuple[np.ndarray, np.ndarray] | None:
@@ -79,15 +78,7 @@ def read_part(path: Path, expected: range) -> tuple[np.ndarray, np.ndarray] | No
 
 
 def write_part(path: Path, indices: range, images: np.ndarray, labels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, indices=np.arange(indices.start, indices.stop), images=images, labels=labels)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    savez_atomically(path, indices=np.arange(indices.start, indices.stop), images=images, labels=labels)
 
 
 def make_parts(

@@ -7,7 +7,6 @@ images whatever the batch size.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..data.vae import LATENT_SCALE
 from ..diffusion import PerSampleNoise, make_objective, mix_seed
+from ..files import savez_atomically
 from ..models.dit import DiT
 from ..models.guidance import classifier_free_guidance
 
@@ -128,17 +128,7 @@ def to_uint8_images(x: torch.Tensor, space: str, vae=None, batch_size: int = 32)
 
 def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | torch.Tensor) -> Path:
     """ADM sample file: arr_0 = images (N, H, W, C) uint8, arr_1 = labels; written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, arr_0=images, arr_1=np.asarray(labels, dtype=np.int64))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return savez_atomically(path, arr_0=images, arr_1=np.asarray(labels, dtype=np.int64))
 
 
 def save_grid(path: str | os.PathLike, images: np.ndarray, ncols: int | None = None, min_side: int = 64, pad: int = 1) -> Path:

@@ -27,6 +27,17 @@ def drop_labels(y: torch.Tensor, prob: float, null_class: int, random: StepRando
     return torch.where(drop, torch.full_like(y, null_class), y)
 
 
+def draw_inputs(
+    objective: Objective, batch: Any, random: StepRandom, class_dropout: float, null_class: int
+) -> tuple[torch.Tensor, ...]:
+    """(x0, t, noise, labels after label dropout) of a training step, from the step's
+    randomness: every job that trains on the denoising objective draws them this way."""
+    x0, y = batch  # (N, C, H, W), (N,)
+    t = objective.sample_timesteps(x0.shape[0], random)  # (N,)
+    noise = random.randn(*x0.shape[1:])  # (N, C, H, W)
+    return x0, t, noise, drop_labels(y, class_dropout, null_class, random)
+
+
 class DenoisingJob(TrainingJob):
     """Minimise the model's own objective (DiT diffusion loss or SiT velocity loss)."""
 
@@ -38,12 +49,7 @@ class DenoisingJob(TrainingJob):
             raise ValueError("label dropout needs a model with a null class (class_dropout_prob > 0 in its config)")
 
     def draw_inputs(self, batch: Any, random: StepRandom) -> tuple[torch.Tensor, ...]:
-        """(x0, t, noise, labels after label dropout) of a step, from the step's randomness."""
-        x0, y = batch  # (N, C, H, W), (N,)
-        t = self.objective.sample_timesteps(x0.shape[0], random)  # (N,)
-        noise = random.randn(*x0.shape[1:])  # (N, C, H, W)
-        y = drop_labels(y, self.class_dropout_prob, self.module.config.num_classes, random)
-        return x0, t, noise, y
+        return draw_inputs(self.objective, batch, random, self.class_dropout_prob, self.module.config.num_classes)
 
     def compute_loss(self, module: nn.Module, batch: Any, random: StepRandom) -> tuple[torch.Tensor, dict[str, Any]]:
         x0, t, noise, y = self.draw_inputs(batch, random)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...diffusion import StepRandom, make_objective
-from ...train.denoising import check_dropout, drop_labels
+from ...train.denoising import check_dropout, draw_inputs
 from ...train.ema import ema_decay_for_steps
 from ...train.loop import TrainingJob
 from ...train.schedules import linear_anneal
@@ -110,10 +110,7 @@ class LearnablePruningJob(TrainingJob):
         self.module.temperature = linear_anneal(step, total_steps, s.temperature_start, s.temperature_end)
 
     def compute_loss(self, module: nn.Module, batch: Any, random: StepRandom) -> tuple[torch.Tensor, dict[str, Any]]:
-        x0, y = batch  # (N, C, H, W), (N,)
-        t = self.objective.sample_timesteps(x0.shape[0], random)  # (N,)
-        noise = random.randn(*x0.shape[1:])  # (N, C, H, W)
-        y = drop_labels(y, self.class_dropout, self.null_class, random)
+        x0, t, noise, y = draw_inputs(self.objective, batch, random, self.class_dropout, self.null_class)
         gate_noise = random.rand(self.gates.num_candidates)  # (N, C_total): one draw per image
         terms = self.objective.training_losses(lambda x, tt: module(x, tt, y, gate_noise=gate_noise), x0, t, noise)
         logs = {"mse": terms["mse"].mean(), "temperature": self.module.temperature}
