@@ -44,7 +44,7 @@ class DemoSettings:
     batch_size: int = 64
     samples_per_class: int = 100
     sampling_steps: int = 50
-    bench_rounds: int = 5
+    bench_rounds: int = 25
 
 
 @dataclass
