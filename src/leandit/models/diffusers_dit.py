@@ -230,7 +230,6 @@ def dit_state_dict_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: 
             f"pos_embed differs from the fixed sin-cos table by up to {pos_diff:.3g}: diffusers recomputes that "
             "table and cannot store another one"
         )
-    d = config.hidden_size
     out: dict[str, torch.Tensor] = {}
     for key, target in TOP_KEYS.items():
         out[target] = state_dict[key].detach().clone()
@@ -245,9 +244,7 @@ def dit_state_dict_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: 
         for key, target in BLOCK_KEYS.items():
             out[f"transformer_blocks.{i}.{target}"] = state_dict[f"blocks.{i}.{key}"].detach().clone()
         for key, targets in QKV_KEYS.items():
-            fused = state_dict[f"blocks.{i}.{key}"].detach()  # (3 D, ...)
-            if fused.shape[0] != 3 * d:
-                raise CheckpointError(f"blocks.{i}.{key} has {fused.shape[0]} rows, expected 3 x {d}")
+            fused = state_dict[f"blocks.{i}.{key}"].detach()  # (3 D, ...), checked above
             for target, part in zip(targets, fused.chunk(3, dim=0)):
                 out[f"transformer_blocks.{i}.{target}"] = part.clone()  # (D, ...)
     return out
