@@ -289,6 +289,7 @@ def test_convert_both_ways_as_a_user_runs_it(tmp_path):
 
     done = run_cli("convert", str(tmp_path / "d"), "--to", "leandit", "--out", str(tmp_path / "back"))
     assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["info"]["origin_restored_from_leandit_json"]
     back = leandit.load_model(tmp_path / "back")
     original = leandit.load_model(tmp_path / "DiT-tiny.pt", num_heads=2)
     assert back.config == original.config and back.config.guided_channels == 3
@@ -303,6 +304,14 @@ def test_convert_stock_diffusers_folder_to_leandit_is_exact(tmp_path, capsys):
     model = leandit.load_model(tmp_path / "m")
     assert model.config.time_freq_shift == 1.0 and model.config.mlp_norm_eps == 1e-5
     assert max_diff(model, source, model.config) <= EXACT_TOL
+
+
+def test_convert_checkpoint_file_to_a_leandit_folder(tmp_path, capsys):
+    model = randomize_(tiny_model())
+    torch.save(model.state_dict(), tmp_path / "DiT-tiny.pt")
+    assert main(["convert", str(tmp_path / "DiT-tiny.pt"), "--to", "leandit", "--out", str(tmp_path / "m"), "--num-heads", "2"]) == 0
+    loaded = leandit.load_model(tmp_path / "m")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def _fails(args, capsys) -> str:

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
 from ..models import DiT, save_model
 from ..models.diffusers_dit import (
+    DIFFUSERS_CLASS,
     DIFFUSERS_TIME_FREQ_SHIFT,
     diffusers_to_dit,
     dit_to_diffusers,
@@ -17,6 +19,7 @@ from ..models.diffusers_dit import (
     load_diffusers_folder,
     save_diffusers_folder,
 )
+from ..models.io import CONFIG_FILE, FORMAT
 from .common import add_model_options, open_model
 
 TARGETS = ("diffusers", "leandit")
@@ -67,18 +70,28 @@ def run(args: argparse.Namespace) -> int:
         save_diffusers_folder(converted, out)
         source_model, target_model = model, converted
     else:
+        extra = None
         if from_diffusers:
             source_model = load_diffusers_folder(src)
-            info = {} if args.ignore_leandit_json else None
+            restore = bool(source_model.leandit_info) and not args.ignore_leandit_json
+            info = None if restore else {}
             converted = diffusers_to_dit(source_model, objective=args.objective, space=args.space, info=info)
-        elif src.is_dir():
+            extra = {"converted_from": f"diffusers {DIFFUSERS_CLASS} folder {src}", "origin_restored_from_leandit_json": restore}
+        elif _is_leandit_folder(src):
             raise ValueError(f"{src} is already a leandit model folder; use --to diffusers to convert it")
         else:
             converted = source_model = open_model(str(src), args)  # an original checkpoint file -> a leandit folder
-        save_model(converted, out)
+        save_model(converted, out, extra=extra)
         target_model = converted
     report(src, out, args.to, source_model, target_model)
     return 0
+
+
+def _is_leandit_folder(path: Path) -> bool:
+    try:
+        return json.loads((path / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def report(src: Path, out: Path, target: str, source_model, target_model) -> None:
