@@ -15,7 +15,9 @@ import sys
 
 from .models.infer import CheckpointError
 
-COMMANDS = ("train", "prune", "finetune", "analyze", "sample", "eval", "bench", "extract-features", "info", "demo")
+COMMANDS = (
+    "train", "prune", "finetune", "analyze", "sample", "eval", "bench", "extract-features", "export-pipeline", "info", "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .assets import digits_teacher_path
+from .backbones import backbone
 from .cli import main as leandit_main
 from .commands.info import describe
 from .data.digits import to_digits_range
@@ -118,11 +119,12 @@ def run_demo(
 
     def sample_and_score(name: str, model_dir: Path) -> dict[str, Any]:
         model = load_model(model_dir, device=device)
-        classes = model.config.num_classes
+        spec = backbone(model).spec
+        classes = spec.conditioning.num_classes
         labels = make_labels(s.samples_per_class * classes, classes)
         x = generate(model, labels, sampler=SAMPLER, steps=s.sampling_steps, cfg_scale=CFG_SCALE, seed=0, batch_size=250,
                      progress=progress)
-        images = to_uint8_images(x, model.config.space)
+        images = to_uint8_images(x, spec.space)
         slug = _slug(name)
         save_npz(folder / f"{slug}_samples.npz", images, labels.numpy())
         save_grid(folder / f"{slug}_grid.png", images[: 10 * classes], ncols=classes)  # one class per column

@@ -19,7 +19,16 @@ from ..models.blocks import depth_of
 from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import barrier
 from ..train.ema import ema_decay_for_steps
-from .common import add_model_options, add_run_options, check_data_fits, log, open_model, parse_ema_decay, write_run_record
+from .common import (
+    add_model_options,
+    add_run_options,
+    check_data_fits,
+    data_conditioning,
+    log,
+    open_model,
+    parse_ema_decay,
+    write_run_record,
+)
 
 
 def add_parser(sub) -> None:
@@ -139,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
         )
         trainer = Trainer(config, args.out, dist=dist, progress=not args.quiet)
         bf16 = trainer.uses_bf16()
-        job = RecoveryJob(student, teacher, settings, layers, teacher_dtype=torch.bfloat16 if bf16 and dist.device.type == "cuda" and teacher is not None else None)
+        job = RecoveryJob(student, teacher, settings, layers,
+                          teacher_dtype=torch.bfloat16 if bf16 and dist.device.type == "cuda" and teacher is not None else None,
+                          conditioning=data_conditioning(student, dataset))
         record = _recovery_record(args, settings, config, teacher, layers)
         if dist.is_main:
             write_run_record(args.out, {"command": "finetune", **record}, student, dist.world_size)

@@ -19,7 +19,6 @@ from ..compress.depth import (
     LearnablePruningJob,
     LearnableSettings,
     explicit,
-    export_pruned,
     global_scheme,
     make_calibration_set,
     oracle,
@@ -32,12 +31,14 @@ from ..compress.depth.learnable import RECOVERABILITY, auto_ema_decay
 from ..data import open_training_data
 from ..evaluate.plots import plot_decisions
 from ..models.blocks import depth_of
-from ..models.io import read_compression
+from ..compress.depth.export import pruned_model
+from ..files import write_text_atomically
+from ..models.io import save_model
 from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import resolve_device
 from ..train.distributed import barrier
 from ..train.loop import METRICS_FILE
-from .common import add_model_options, add_run_options, check_data_fits, log, open_model, parse_ema_decay
+from .common import add_model_options, add_run_options, check_data_fits, data_conditioning, log, open_model, parse_ema_decay
 
 DECISION_FILE = "decision.json"
 DECISION_PLOT = "decisions.png"
@@ -179,7 +180,7 @@ def _run_learnable(args: argparse.Namespace) -> int:
     dist = setup_distributed(args.device)
     try:
         source = open_model(args.model, args)
-        _scheme_for(args, depth_of(source))  # validate before any work
+        scheme = _scheme_for(args, depth_of(source))  # parsed once, before any work
         settings = LearnableSettings(
             scheme=args.scheme,
             temperature_start=args.temperature[0],
@@ -195,7 +196,7 @@ def _run_learnable(args: argparse.Namespace) -> int:
         dataset = open_training_data(args.data)
         check_data_fits(source, dataset, args.data)
         torch.manual_seed(args.seed)  # LoRA initialisation
-        job = LearnablePruningJob(copy.deepcopy(source), settings)
+        job = LearnablePruningJob(copy.deepcopy(source), settings, scheme, data_conditioning(source, dataset))
         config = LoopConfig(
             steps=args.steps,
             global_batch_size=args.batch_size,
@@ -240,9 +241,10 @@ def _run_learnable(args: argparse.Namespace) -> int:
 
 def _finish(args, source, decision, weights=None, label="original") -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    folder = export_pruned(source, decision, args.out / "model", weights, label, source_name=str(args.model))
-    record = read_compression(folder)[-1]  # the same record, beside the run for a quick look
-    (args.out / DECISION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    model = pruned_model(source, decision, weights, label, source_name=str(args.model))
+    folder = save_model(model, args.out / "model")
+    # The model's own new record, once more beside the run for a quick look.
+    write_text_atomically(args.out / DECISION_FILE, json.dumps(model.compression[-1], indent=2) + "\n")
     summary = f"{args.method}: kept {len(decision.kept)} of {decision.depth} blocks {decision.kept}"
     if decision.groups and "confidence" in decision.groups[0]:
         summary += f", lowest group confidence {min(g['confidence'] for g in decision.groups):.3f}"

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..backbones import backbone
 from ..data import open_training_data
 from ..diffusion import make_objective
 from ..models import NAMED_CONFIGS, build_model, save_model
@@ -22,7 +23,7 @@ from ..train import DenoisingJob, LoopConfig, Trainer, setup_distributed, teardo
 from ..train.distributed import barrier
 from ..train.loop import PRECISIONS
 from ..train.schedules import LR_SCHEDULES
-from .common import add_model_options, check_data_fits, log, open_model, write_run_record
+from .common import add_model_options, check_data_fits, data_conditioning, log, open_model, write_run_record
 
 # Every setting a recipe may hold, with its default (None: required).
 DEFAULTS: dict[str, Any] = {
@@ -160,10 +161,11 @@ def run(args: argparse.Namespace) -> int:
             seed=s["seed"],
             num_workers=s["num_workers"],
         )
-        job = DenoisingJob(model, make_objective(model.config), s["class_dropout"])
+        spec = backbone(model).spec
+        job = DenoisingJob(model, make_objective(spec), s["class_dropout"], data_conditioning(model, dataset))
         if dist.is_main:
             write_run_record(args.out, s, model, dist.world_size)
-            log(f"training {model.config.name or s['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) "
+            log(f"training {spec.name or s['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) "
                 f"on {s['data']} ({len(dataset)} items) for {s['steps']} steps on {dist.world_size} x {dist.device}")
         started = time.perf_counter()
         result = Trainer(config, args.out, dist=dist, progress=not args.quiet).fit(job, dataset, stop_after=args.stop_after)
