@@ -189,6 +189,17 @@ def test_class_label_folders_say_so(tmp_path):
         ds.caption(0)
 
 
+def test_class_label_settings_hash_is_unchanged():
+    """Folders extracted before captions existed must stay readable: their settings hash is
+    the hash of SETTINGS_FIELDS alone, without the caption fields."""
+    import hashlib
+
+    meta = {"format": fmt.FORMAT, "version": 1, "latent_shape": [4, 32, 32], "seed": 0, "vae_sha256": "ab" * 8}
+    old = hashlib.sha256(json.dumps({k: meta.get(k) for k in fmt.SETTINGS_FIELDS}, sort_keys=True).encode()).hexdigest()[:16]
+    assert fmt.settings_id(meta) == old
+    assert fmt.settings_id({**meta, "conditioning": "text"}) != old
+
+
 def test_caption_sources_agree(extracted, image_root, pipeline_dir, caption_files, tmp_path, monkeypatch):
     paths, texts, classes = captioned_images(image_root, caption_files["json"])
     assert [p.relative_to(image_root).as_posix() for p in paths] == ORDER and classes is None
@@ -327,6 +338,15 @@ def test_sigma_pipeline_prompts_have_300_tokens(tmp_path):
     torch.testing.assert_close(embeds, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(mask, ref_mask) and mask.shape == (1, 300)
     assert PromptEncoder(folder, max_length=12).encode(["a blue car"])[0].shape == (1, 12, TEXT_DIM)
+
+
+def test_caption_cleaning_needs_its_packages(pipeline_dir):
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    if is_bs4_available() and is_ftfy_available():
+        pytest.skip("bs4 and ftfy are installed here")
+    with pytest.raises(ValueError, match="caption cleaning needs the bs4 and ftfy packages"):
+        PromptEncoder(pipeline_dir, clean_caption=True)
 
 
 def one_line_error(capsys, argv) -> str:

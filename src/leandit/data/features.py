@@ -235,9 +235,9 @@ def _metadata(
     return meta
 
 
-def _text_metadata(pipeline, captions, texts, *, max_length, text_encoder_dtype, clean_caption) -> dict[str, Any]:
-    """The caption and text-encoder fields of a captioned index.json (no weights loaded)."""
-    info = read_pipeline(pipeline)
+def _text_metadata(pipeline, info, captions, texts, *, max_length, text_encoder_dtype, clean_caption) -> dict[str, Any]:
+    """The caption and text-encoder fields of a captioned index.json (no weights loaded);
+    `info` is `read_pipeline(pipeline)`."""
     length = int(max_length or info["max_length"])
     check_text_options(length, text_encoder_dtype, clean_caption)
     source = str(captions) if str(captions) in CAPTION_KEYWORDS else str(Path(captions).resolve())
@@ -252,6 +252,64 @@ def _text_metadata(pipeline, captions, texts, *, max_length, text_encoder_dtype,
         "clean_caption": bool(clean_caption),
         **text_fingerprints(pipeline),
     }
+
+
+def _plan(root: Path, vae_path, pipeline, captions, text_options: dict[str, Any], **options) -> tuple:
+    """(paths, labels, captions, vae_path, meta) of an extraction: labels for class-label
+    folders, captions (and the pipeline's vae/ when no VAE is given) for captioned ones; the
+    other of the two is None. Reads configs and fingerprints, no weights."""
+    if captions is None:
+        if pipeline is not None:
+            raise ValueError("--pipeline is for captioned images: add --captions FILE, txt or class-names (or drop --pipeline for class labels)")
+        if vae_path is None:
+            raise ValueError("pass --vae VAE_FOLDER (class labels), or --pipeline PIPELINE_FOLDER --captions ... (captions)")
+        vae_config = read_vae_config(vae_path)
+        paths, labels, class_names = list_images(root)
+        texts = None
+    else:
+        if pipeline is None:
+            raise ValueError("captioned images need --pipeline PIPELINE_FOLDER: the local diffusers pipeline whose text encoder embeds the captions")
+        info = read_pipeline(pipeline)
+        vae_path = _pipeline_vae(pipeline) if vae_path is None else vae_path
+        vae_config = read_vae_config(vae_path)
+        paths, texts, class_names = captioned_images(root, captions)
+        labels = None
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if options["resolution"] % factor:
+        raise ValueError(f"the resolution {options['resolution']} is not a multiple of the VAE's downsampling factor {factor}")
+    text_meta = None if texts is None else _text_metadata(pipeline, info, captions, texts, **text_options)
+    meta = _metadata(root, paths, class_names, vae_path, vae_config, text=text_meta, **options)
+    return paths, labels, texts, vae_path, meta
+
+
+def _encode_shards(jobs, paths, labels, texts, meta, out: Path, vae, text_encoder, bar) -> int:
+    """Encode the (shard, start, end) batches of `jobs` and write each shard after its last
+    batch; `text_encoder()` gives the PromptEncoder of captioned folders. Returns the images done."""
+    size, num_images, store = meta["shard_size"], meta["num_images"], fmt.DTYPES[meta["dtype"]]
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    chunks: list[torch.Tensor] = []
+    text_chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+    done = 0
+    try:
+        for k, b, e, images in _batches(jobs, paths, meta["resolution"], pool):
+            chunks.append(encode_latents(vae, uint8_to_model_range(images), range(b, e), seed=meta["seed"], flip=meta["flip"],
+                                         scale=meta["scale_factor"]))  # (B, V, C, h, w)
+            if texts is not None:
+                embeds, mask = text_encoder().encode(texts[b:e])  # (B, L, D), (B, L)
+                text_chunks.append((embeds.to(store), mask))  # stored precision now: a shard of T5-XXL is ~1 GB
+            bar.update(e - b)
+            done += e - b
+            if e == min((k + 1) * size, num_images):  # the shard's last batch
+                rows = torch.arange(k * size, e)
+                if texts is None:
+                    fmt.write_shard(out, k, torch.cat(chunks), torch.tensor(labels[k * size : e]), rows, meta)
+                else:
+                    fmt.write_text_shard(out, k, torch.cat(chunks), torch.cat([t for t, _ in text_chunks]),
+                                         torch.cat([m for _, m in text_chunks]), rows, texts[k * size : e], meta)
+                chunks, text_chunks = [], []
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return done
 
 
 def extract_features(
@@ -293,30 +351,9 @@ def extract_features(
     _check_options(resolution, shard_size, batch_size, dtype)
     rank, world_size = _resolve_ranks(rank, world_size)
     device = _resolve_device(device)
-    root = Path(image_root)
-    if captions is None:
-        if pipeline is not None:
-            raise ValueError("--pipeline is for captioned images: add --captions FILE, txt or class-names (or drop --pipeline for class labels)")
-        if vae_path is None:
-            raise ValueError("pass --vae VAE_FOLDER (class labels), or --pipeline PIPELINE_FOLDER --captions ... (captions)")
-        vae_config = read_vae_config(vae_path)
-        paths, labels, class_names = list_images(root)
-        texts = None
-    else:
-        if pipeline is None:
-            raise ValueError("captioned images need --pipeline PIPELINE_FOLDER: the local diffusers pipeline whose text encoder embeds the captions")
-        read_pipeline(pipeline)
-        vae_path = _pipeline_vae(pipeline) if vae_path is None else vae_path
-        vae_config = read_vae_config(vae_path)
-        paths, texts, class_names = captioned_images(root, captions)
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    if resolution % factor:
-        raise ValueError(f"the resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}")
-    text_meta = None if texts is None else _text_metadata(
-        pipeline, captions, texts, max_length=max_length, text_encoder_dtype=text_encoder_dtype, clean_caption=clean_caption
-    )
-    meta = _metadata(root, paths, class_names, vae_path, vae_config, resolution=resolution, shard_size=shard_size,
-                     flip=flip, dtype=dtype, seed=seed, text=text_meta)
+    text_options = dict(max_length=max_length, text_encoder_dtype=text_encoder_dtype, clean_caption=clean_caption)
+    paths, labels, texts, vae_path, meta = _plan(Path(image_root), vae_path, pipeline, captions, text_options, resolution=resolution,
+                                                 shard_size=shard_size, flip=flip, dtype=dtype, seed=seed)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: pass a folder for the latent shards")
@@ -349,32 +386,11 @@ def extract_features(
     ]
     images_done = 0
     if jobs:
-        vae = load_vae(vae_path, device)
-        store = fmt.DTYPES[dtype]
         desc = "extract-features" + (f" [rank {rank}/{world_size}]" if world_size > 1 else "")
         bar = tqdm(total=sum(e - b for _, b, e in jobs), unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
-        pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
-        chunks: list[torch.Tensor] = []
-        text_chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
         try:
-            for k, b, e, images in _batches(jobs, paths, resolution, pool):
-                chunks.append(encode_latents(vae, uint8_to_model_range(images), range(b, e), seed=seed, flip=flip,
-                                             scale=meta["scale_factor"]))
-                if texts is not None:
-                    embeds, mask = text_encoder().encode(texts[b:e])  # (B, L, D), (B, L)
-                    text_chunks.append((embeds.to(store), mask))  # stored precision now: a shard of T5-XXL is ~1 GB
-                bar.update(e - b)
-                images_done += e - b
-                if e == min((k + 1) * shard_size, len(paths)):  # the shard's last batch
-                    rows = torch.arange(k * shard_size, e)
-                    if texts is None:
-                        fmt.write_shard(out, k, torch.cat(chunks), torch.tensor(labels[k * shard_size : e]), rows, meta)
-                    else:
-                        fmt.write_text_shard(out, k, torch.cat(chunks), torch.cat([t for t, _ in text_chunks]),
-                                             torch.cat([m for _, m in text_chunks]), rows, texts[k * shard_size : e], meta)
-                    chunks, text_chunks = [], []
+            images_done = _encode_shards(jobs, paths, labels, texts, meta, out, load_vae(vae_path, device), text_encoder, bar)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
 
     complete = all((out / fmt.shard_name(k)).exists() for k in range(total))

@@ -23,6 +23,7 @@ negative prompt: its embedding is the "null" condition of label dropout and guid
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -263,9 +264,10 @@ class PromptEncoder:
 
         cls = getattr(diffusers, self.info["class_name"])
         try:
-            self.pipeline = cls.from_pretrained(
-                str(folder), transformer=None, vae=None, scheduler=None, dtype=TEXT_ENCODER_DTYPES[dtype], local_files_only=True
-            )
+            with _quiet_loading():
+                self.pipeline = cls.from_pretrained(
+                    str(folder), transformer=None, vae=None, scheduler=None, dtype=TEXT_ENCODER_DTYPES[dtype], local_files_only=True
+                )
         except (OSError, ValueError, RuntimeError, TypeError) as err:
             raise ValueError(f"cannot load the tokenizer and text encoder of {folder}: {str(err).splitlines()[0]}; {PIPELINE_HINT}") from None
         self.pipeline.text_encoder.to(self.device).eval()
@@ -292,6 +294,24 @@ class PromptEncoder:
         """The empty prompt "" - the pipeline's negative prompt: ((L, D), (L,))."""
         embeds, mask = self.encode([""])
         return embeds[0], mask[0]
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No "Loading pipeline components" / "Loading weights" bars (diffusers, transformers)
+    while two small components load; the previous setting is restored."""
+    from diffusers.utils import logging as d_logging
+    from transformers.utils import logging as t_logging
+
+    states = [(m, m.is_progress_bar_enabled()) for m in (d_logging, t_logging)]
+    for m, _ in states:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, enabled in states:
+            if enabled:
+                m.enable_progress_bar()
 
 
 def check_text_options(max_length: int, dtype: str, clean_caption: bool) -> None:
