@@ -379,6 +379,14 @@ def test_one_line_errors(pipeline_dir, image_root, caption_files, tmp_path, caps
     assert "has no model_index.json" in err and "not a diffusers pipeline folder" in err
     (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     assert "holds a StableDiffusion3Pipeline" in encode(broken)
+    from transformers.utils import is_protobuf_available, is_sentencepiece_available
+
+    if not (is_sentencepiece_available() and is_protobuf_available()):  # a hub tokenizer/ with only spiece.model
+        spiece = tmp_path / "spiece"
+        shutil.copytree(pipeline_dir, spiece)
+        (spiece / "tokenizer" / "tokenizer.json").unlink()
+        (spiece / "tokenizer" / "spiece.model").write_bytes(b"a sentencepiece model")
+        assert "pip install sentencepiece protobuf" in encode(spiece)
     assert "no prompt file at" in one_line_error(
         capsys, ["encode-prompts", "--pipeline", str(pipeline_dir), "--prompts", "missing.txt", "--out", str(tmp_path / "p.st")]
     )

@@ -260,6 +260,7 @@ class PromptEncoder:
         check_text_options(self.max_length, dtype, clean_caption)
         self.device = torch.device(device)
         self.clean_caption = bool(clean_caption)
+        _check_tokenizer_backend(Path(folder) / "tokenizer")
         import diffusers
 
         cls = getattr(diffusers, self.info["class_name"])
@@ -268,7 +269,7 @@ class PromptEncoder:
                 self.pipeline = cls.from_pretrained(
                     str(folder), transformer=None, vae=None, scheduler=None, dtype=TEXT_ENCODER_DTYPES[dtype], local_files_only=True
                 )
-        except (OSError, ValueError, RuntimeError, TypeError) as err:
+        except (ImportError, OSError, ValueError, RuntimeError, TypeError) as err:
             raise ValueError(f"cannot load the tokenizer and text encoder of {folder}: {str(err).splitlines()[0]}; {PIPELINE_HINT}") from None
         self.pipeline.text_encoder.to(self.device).eval()
         self.pipeline.set_progress_bar_config(disable=True)
@@ -294,6 +295,20 @@ class PromptEncoder:
         """The empty prompt "" - the pipeline's negative prompt: ((L, D), (L,))."""
         embeds, mask = self.encode([""])
         return embeds[0], mask[0]
+
+
+def _check_tokenizer_backend(folder: Path) -> None:
+    """Hub T5 tokenizers may ship only spiece.model (no tokenizer.json); transformers converts
+    it with the sentencepiece and protobuf packages, which leandit does not otherwise need."""
+    if (folder / "tokenizer.json").is_file() or not (folder / "spiece.model").is_file():
+        return
+    from transformers.utils import is_protobuf_available, is_sentencepiece_available
+
+    if not (is_sentencepiece_available() and is_protobuf_available()):
+        raise ValueError(
+            f"{folder} holds only a SentencePiece model (spiece.model, no tokenizer.json), which transformers reads "
+            "with the sentencepiece and protobuf packages: pip install sentencepiece protobuf"
+        )
 
 
 @contextlib.contextmanager
