@@ -310,3 +310,43 @@ def test_export_pipeline_writes_a_pipeline_that_generates_with_the_pruned_transf
     assert again.returncode == 2 and "exists" in again.stderr
     wrong = run_cli("export-pipeline", str(tmp_path / "pruned"), str(tmp_path / "pruned" / "model"), "--out", str(tmp_path / "p2"))
     assert wrong.returncode == 2 and "not a diffusers pipeline folder" in wrong.stderr and not (tmp_path / "p2").exists()
+
+
+def test_pixart_pipeline_end_to_end_captions_prune_recover_sample_export(tmp_path):
+    """A tiny PixArt pipeline through every command a user runs on it, in process."""
+    import numpy as np
+    from diffusers import PixArtAlphaPipeline
+    from PIL import Image
+
+    from leandit.cli import main
+    from tiny_pipeline import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(tmp_path / "pipe", num_layers=4)
+    for c, name in enumerate(("red_cat", "blue_dog")):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((16, 16, 3), 60 * c + 10 * i, dtype=np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
+    common = ["--quiet"]
+    assert main(["extract-features", str(tmp_path / "images"), "--pipeline", str(pipe), "--captions", "class-names",
+                 "--resolution", "16", "--out", str(tmp_path / "latents"), *common]) == 0
+    data = ["--data", str(tmp_path / "latents"), "--batch-size", "4"]
+    assert main(["prune", str(pipe), "--method", "learnable", "--scheme", "1:2", "--steps", "2", "--lora-rank", "2",
+                 "--out", str(tmp_path / "pruned"), *data, *common]) == 0
+    assert main(["finetune", str(tmp_path / "pruned" / "model"), "--teacher", str(pipe), "--steps", "2",
+                 "--out", str(tmp_path / "recovered"), *data, *common]) == 0
+    recovered = leandit.load_model(tmp_path / "recovered" / "model")
+    assert len(recovered.transformer_blocks) == 2 and recovered.compression[-1]["method"] == "recovery"
+    assert main(["encode-prompts", "--pipeline", str(pipe), "--prompts", "red cat", "blue dog",
+                 "--out", str(tmp_path / "prompts.safetensors")]) == 0
+    assert main(["sample", str(tmp_path / "recovered" / "model"), "--prompts", str(tmp_path / "prompts.safetensors"),
+                 "--vae", str(pipe / "vae"), "--num-samples", "4", "--steps", "2", "--cfg-scale", "2",
+                 "--out", str(tmp_path / "samples"), *common]) == 0
+    with np.load(tmp_path / "samples" / "samples.npz") as samples:
+        assert samples["arr_0"].shape == (4, 16, 16, 3) and samples["arr_1"].tolist() == [0, 1, 0, 1]
+    assert main(["sample", str(pipe), "--num-samples", "2", "--out", str(tmp_path / "no-prompts")]) == 2  # one-line error
+    assert main(["export-pipeline", str(pipe), str(tmp_path / "recovered" / "model"), "--out", str(tmp_path / "exported")]) == 0
+    exported = PixArtAlphaPipeline.from_pretrained(tmp_path / "exported")
+    assert len(exported.transformer.transformer_blocks) == 2
+    images = exported("a red cat", height=16, width=16, num_inference_steps=2, use_resolution_binning=False,
+                      output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()

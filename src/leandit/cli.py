@@ -16,7 +16,8 @@ import sys
 from .models.infer import CheckpointError
 
 COMMANDS = (
-    "train", "prune", "finetune", "analyze", "sample", "eval", "bench", "extract-features", "export-pipeline", "info", "demo",
+    "train", "prune", "finetune", "analyze", "sample", "eval", "bench",
+    "extract-features", "encode-prompts", "export-pipeline", "info", "demo",
 )
 
 

@@ -50,7 +50,8 @@ def add_parser(sub) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 = deterministic (default 0)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--vae", type=Path, default=None, help="local diffusers AutoencoderKL folder to decode latent models")
+    p.add_argument("--vae", type=Path, default=None,
+                   help="local diffusers AutoencoderKL folder to decode latent models (default for a pipeline folder: its vae/)")
     p.add_argument("--part-size", type=int, default=1000, help="images per part file: the unit of resuming and of splitting across processes (default 1000)")
     p.add_argument("--grid", type=int, default=100, help="images in grid.png, the first ones (default 100; 0 = no grid)")
     p.add_argument("--grid-columns", type=int, default=None, help="columns of the PNG grid (default: number of classes up to 16, else sqrt(N))")
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         spec = backbone(model).spec
         vae = None
         if spec.space == "latent":
+            if args.vae is None and (Path(args.model) / "model_index.json").exists() and (Path(args.model) / "vae").is_dir():
+                args.vae = Path(args.model) / "vae"  # a pipeline folder brings its own VAE
             if args.vae is None:
                 raise ValueError("this model generates VAE latents: pass --vae PATH (a local diffusers AutoencoderKL folder)")
             vae = load_vae(args.vae, dist.device)
