@@ -19,7 +19,7 @@ from torch import nn
 from ..backbones import Conditioning, backbone
 from ..evaluate.model_specs import open_spec
 from ..models.config import OBJECTIVES, SPACES
-from ..train.loop import PRECISIONS
+from ..train.loop import PRECISIONS, LoopConfig
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +88,23 @@ def add_run_options(group, checkpoint_every: int, precision_help: str = "") -> N
     group.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines (default 10)")
     group.add_argument("--stop-after", type=int, default=None, help="end this invocation after N more steps (resumable)")
     group.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
+
+
+def loop_config(args: argparse.Namespace, **fields: Any) -> LoopConfig:
+    """The loop settings of a training command: the options every training command shares
+    (steps, batch size, lr, clipping and add_run_options'), then the command's own `fields`."""
+    shared = dict(
+        steps=args.steps,
+        global_batch_size=args.batch_size,
+        lr=args.lr,
+        grad_clip=args.grad_clip or None,
+        precision=args.precision,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        seed=args.seed,
+        num_workers=args.num_workers,
+    )
+    return LoopConfig(**{**shared, **fields})
 
 
 def parse_ema_decay(value: str, auto: Callable[[], float]) -> float | None:

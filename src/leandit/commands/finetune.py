@@ -25,6 +25,7 @@ from .common import (
     check_data_fits,
     data_conditioning,
     log,
+    loop_config,
     open_model,
     parse_ema_decay,
     write_run_record,
@@ -130,21 +131,13 @@ def run(args: argparse.Namespace) -> int:
                 layers = teacher_layers(student.compression, teacher.compression, depth_of(student), depth_of(teacher), args.align)
         dataset = open_training_data(args.data)
         check_data_fits(student, dataset, args.data)
-        config = LoopConfig(
-            steps=args.steps,
-            global_batch_size=args.batch_size,
-            lr=args.lr,
+        config = loop_config(
+            args,
             weight_decay=0.0,
             lr_schedule="cosine",
             final_lr_ratio=args.final_lr_ratio,
             ema_decay=parse_ema_decay(args.ema_decay, lambda: ema_decay_for_steps(args.steps, maximum=0.9999)),
-            grad_clip=args.grad_clip or None,
-            precision=args.precision,
-            checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints,
-            log_every=args.log_every,
-            seed=args.seed,
-            num_workers=args.num_workers,
         )
         trainer = Trainer(config, args.out, dist=dist, progress=not args.quiet)
         bf16 = trainer.uses_bf16()

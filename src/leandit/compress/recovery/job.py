@@ -47,10 +47,10 @@ class RecoverySettings:
         class_dropout: label-dropout probability; None = the student config's.
     """
 
-    kd_weight: float = 0.9
-    diffusion_weight: float = 0.1
-    repkd_weight: float = 1e-2
-    repkd_k: float | None = 2.0
+    kd_weight: float = MIXES["masked-kd"][0]
+    diffusion_weight: float = MIXES["masked-kd"][1]
+    repkd_weight: float = MIXES["masked-kd"][2]
+    repkd_k: float | None = MIXES["masked-kd"][3]
     class_dropout: float | None = None
 
     def __post_init__(self) -> None:
