@@ -350,3 +350,26 @@ def test_pixart_pipeline_end_to_end_captions_prune_recover_sample_export(tmp_pat
     images = exported("a red cat", height=16, width=16, num_inference_steps=2, use_resolution_binning=False,
                       output_type="np").images
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_bench_and_flops_count_both_families_and_their_guided_batch():
+    from leandit.evaluate.speed import measure_speed
+    from leandit.models.flops import forward_flops
+
+    for make in (tiny_diffusers_dit, tiny_pixart):
+        deep, shallow = make(depth=4), make(depth=2)
+        results = measure_speed([("deep", deep), ("shallow", shallow)], 2, cfg_scale=1.5, sampling_steps=10, warmup=1, rounds=2)
+        assert [r.depth for r in results] == [4, 2]
+        assert results[0].flops_per_step == forward_flops(deep, 4)  # guidance runs 2 x batch
+        assert forward_flops(deep, 1) > forward_flops(shallow, 1) > 0
+
+
+def test_calibration_analysis_runs_on_a_diffusers_folder(tmp_path):
+    from leandit.cli import main
+
+    folder = leandit.save_model(tiny_diffusers_dit(), tmp_path / "dit")
+    assert main(["analyze", "calibration", str(folder), "--keep", "2", "--samples", "4", "--calibration-size", "16",
+                 "--out", str(tmp_path / "analysis"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
+    assert summary["samples"] == 4 and summary["random"]["min"] <= summary["random"]["median"] <= summary["random"]["max"]
+    assert set(summary["marks"]) == {"shortgpt", "fluxlite", "sensitivity", "oracle"}
