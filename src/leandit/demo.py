@@ -20,7 +20,6 @@ from typing import Any, Callable
 from .assets import digits_teacher_path
 from .backbones import backbone
 from .cli import main as leandit_main
-from .commands.info import describe
 from .data.digits import to_digits_range
 from .evaluate.digits import class_agreement
 from .evaluate.digits_features import digits_as_uint8, load_digits_features
@@ -30,6 +29,7 @@ from .evaluate.sampling import generate, make_labels, save_grid, save_npz, to_ui
 from .evaluate.speed import measure_speed
 from .files import write_text_atomically
 from .models import load_model
+from .models.summary import describe
 
 # Sampling settings of the demo (chosen by measurement: see the teacher's README.md).
 SAMPLER = "ddim"

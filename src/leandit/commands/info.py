@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..compress.recovery.alignment import layer_origins, pruning_records
-from ..models.flops import count_parameters, forward_flops
+from ..models.summary import describe
 from ..backbones import backbone
 from ..models.io import is_named_size
 from .common import add_model_options, open_model
@@ -24,25 +24,6 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_model_options(p)
     p.set_defaults(run=run)
-
-
-def describe(model, batch_size: int = 1) -> dict:
-    adapter = backbone(model)
-    spec = adapter.spec
-    flops = forward_flops(model, batch_size)
-    return {
-        "source": getattr(model, "source", None) or spec.name,
-        "family": spec.family,
-        "architecture": adapter.describe(),
-        "backbone": spec.to_dict(),
-        "tokens": spec.num_tokens,
-        "parameters": count_parameters(model),
-        "fixed_position_embedding": sum(b.numel() for b in model.buffers()),
-        "batch_size": batch_size,
-        "flops_per_forward": flops,
-        "macs_per_forward": flops // 2,
-        "compression": getattr(model, "compression", None) or [],
-    }
 
 
 def run(args: argparse.Namespace) -> int:
