@@ -373,3 +373,32 @@ def test_calibration_analysis_runs_on_a_diffusers_folder(tmp_path):
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     assert summary["samples"] == 4 and summary["random"]["min"] <= summary["random"]["median"] <= summary["random"]["max"]
     assert set(summary["marks"]) == {"shortgpt", "fluxlite", "sensitivity", "oracle"}
+
+
+def test_block_index_settings_are_reindexed_after_pruning():
+    from leandit.commands.export_pipeline import reindex_config
+
+    model = tiny_diffusers_dit()
+    model.register_to_config(dual_attention_layers=[0, 2])
+    assert reindex_config(model, [0, 2, 3]) == {"dual_attention_layers": [0, 1]}
+    assert list(model.config.dual_attention_layers) == [0, 1]
+    with pytest.raises(ValueError, match="does not say which blocks were kept"):
+        reindex_config(model, None)
+
+
+def test_sample_and_info_run_on_both_families(tmp_path):
+    import numpy as np
+
+    from leandit.cli import main
+
+    folder = leandit.save_model(tiny_diffusers_dit(), tmp_path / "dit")
+    assert main(["sample", str(folder), "--num-samples", "4", "--steps", "2", "--cfg-scale", "2", "--out", str(tmp_path / "s"),
+                 "--quiet"]) == 0
+    with np.load(tmp_path / "s" / "samples.npz") as samples:
+        assert samples["arr_0"].shape == (4, 8, 8, 1) and samples["arr_1"].tolist() == [0, 1, 2, 3]
+    pixart = leandit.save_model(tiny_pixart(), tmp_path / "pixart")
+    done = run_cli("info", str(pixart), "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["family"] == "PixArt" and info["backbone"]["conditioning"] == {"kind": "text", "dim": 16}
+    assert info["architecture"]["_class_name"] == "PixArtTransformer2DModel" and info["flops_per_forward"] > 0
