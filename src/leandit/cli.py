@@ -15,7 +15,10 @@ import sys
 
 from .models.infer import CheckpointError
 
-COMMANDS = ("train", "prune", "finetune", "analyze", "sample", "eval", "bench", "extract-features", "info", "convert", "demo")
+COMMANDS = (
+    "train", "prune", "finetune", "analyze", "sample", "eval", "bench",
+    "extract-features", "encode-prompts", "export-pipeline", "info", "convert", "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

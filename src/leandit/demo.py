@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .assets import digits_teacher_path
+from .backbones import backbone
 from .cli import main as leandit_main
-from .commands.info import describe
 from .data.digits import to_digits_range
 from .evaluate.digits import class_agreement
 from .evaluate.digits_features import digits_as_uint8, load_digits_features
@@ -29,6 +29,7 @@ from .evaluate.sampling import generate, make_labels, save_grid, save_npz, to_ui
 from .evaluate.speed import measure_speed
 from .files import write_text_atomically
 from .models import load_model
+from .models.summary import describe
 
 # Sampling settings of the demo (chosen by measurement: see the teacher's README.md).
 SAMPLER = "ddim"
@@ -118,11 +119,12 @@ def run_demo(
 
     def sample_and_score(name: str, model_dir: Path) -> dict[str, Any]:
         model = load_model(model_dir, device=device)
-        classes = model.config.num_classes
+        spec = backbone(model).spec
+        classes = spec.conditioning.num_classes
         labels = make_labels(s.samples_per_class * classes, classes)
         x = generate(model, labels, sampler=SAMPLER, steps=s.sampling_steps, cfg_scale=CFG_SCALE, seed=0, batch_size=250,
                      progress=progress)
-        images = to_uint8_images(x, model.config.space)
+        images = to_uint8_images(x, spec.space)
         slug = _slug(name)
         save_npz(folder / f"{slug}_samples.npz", images, labels.numpy())
         save_grid(folder / f"{slug}_grid.png", images[: 10 * classes], ncols=classes)  # one class per column

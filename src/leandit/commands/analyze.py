@@ -33,6 +33,7 @@ from ..data import open_training_data
 from ..evaluate.activations import activation_statistics
 from ..evaluate.plots import plot_activation_histograms, plot_calibration_histogram
 from ..models.blocks import depth_of
+from ..files import write_text_atomically
 from ..models.io import read_compression
 from ..train.distributed import resolve_device
 from .common import add_calibration_options, add_model_options, check_data_fits, log, open_model
@@ -155,7 +156,7 @@ def run_calibration(args: argparse.Namespace) -> int:
         "random": {"min": float(values.min()), "median": float(np.median(values)), "max": float(values.max())},
         "marks": {name: {"loss": loss, "percentile": float((values < loss).mean() * 100)} for name, loss in marks.items()},
     }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(f"random masks: min {values.min():.4g}, median {np.median(values):.4g}, max {values.max():.4g} (unpruned {full:.4g})")
     for name, loss in sorted(marks.items(), key=lambda kv: kv[1]):
         log(f"  {name:<14} {loss:.4g}  ({summary['marks'][name]['percentile']:.1f} % of random masks have a lower loss)")
@@ -200,7 +201,7 @@ def run_activations(args: argparse.Namespace) -> int:
             writer.writerow([layer.layer, *[f"{v:.6g}" for v in (layer.min, layer.max, layer.mean, layer.std, layer.max_sigma)],
                              *[f"{layer.beyond[k]:.6g}" for k in ks]])
     summary = {"model": str(args.model), "calibration_size": args.calibration_size, "k": ks, "blocks": [l.summary() for l in layers]}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     title = f"{Path(str(args.model).rstrip('/')).name}: block outputs over {args.calibration_size} calibration images"
     plot_activation_histograms(layers, args.out / ACTIVATIONS_PLOT, title=title, k=ks[0])
     log(f"{'block':>5} {'min':>10} {'max':>10} {'std':>9} {'max sigma':>9}  " + "  ".join(f"> {k:g} sigma" for k in ks))

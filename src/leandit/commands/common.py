@@ -14,9 +14,12 @@ import torch
 
 from .. import __version__
 from ..files import write_text_atomically
-from ..models import NAMED_CONFIGS, DiT, build_model, load_model
+from torch import nn
+
+from ..backbones import Conditioning, backbone
+from ..evaluate.model_specs import open_spec
 from ..models.config import OBJECTIVES, SPACES
-from ..train.loop import PRECISIONS
+from ..train.loop import PRECISIONS, LoopConfig
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -53,30 +56,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def open_model(spec: str, args: argparse.Namespace, device="cpu", allow_random: bool = False) -> DiT:
-    """A model from a folder or checkpoint file; a named config ("DiT-XL/2") gives random
-    weights when `allow_random` (for speed and size questions). device="meta" builds a named
-    size without memory or initialisation, for counting."""
-    if spec in NAMED_CONFIGS:
-        if not allow_random:
-            raise ValueError(f"{spec!r} is a named size with random weights; pass a model folder or checkpoint file")
-        if str(device) == "meta":
-            with torch.device("meta"):
-                return build_model(spec)
-        return build_model(spec).to(device)
-    if not Path(spec).exists():
-        raise FileNotFoundError(
-            f"model not found: {spec} (pass a model folder, a DiT/SiT .pt/.safetensors file"
-            + (f", or a named size such as {', '.join(list(NAMED_CONFIGS)[:4])}, ...)" if allow_random else ")")
-        )
-    return load_model(
+def open_model(spec: str, args: argparse.Namespace, device="cpu", allow_random: bool = False) -> nn.Module:
+    """A model from a folder, checkpoint file or shipped name; a named size ("DiT-XL/2",
+    "DiT-XL/2:depth=14") gives random weights when `allow_random` (for speed and size
+    questions). device="meta" builds a named size without memory or initialisation."""
+    return open_spec(
         spec,
+        allow_random=allow_random,
+        device=device,
         weights=args.weights,
         num_heads=args.num_heads,
         objective=args.objective,
         space=args.space,
         trust_checkpoint=args.trust_checkpoint,
-        device=device,
     )
 
 
@@ -98,6 +90,23 @@ def add_run_options(group, checkpoint_every: int, precision_help: str = "") -> N
     group.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
 
 
+def loop_config(args: argparse.Namespace, **fields: Any) -> LoopConfig:
+    """The loop settings of a training command: the options every training command shares
+    (steps, batch size, lr, clipping and add_run_options'), then the command's own `fields`."""
+    shared = dict(
+        steps=args.steps,
+        global_batch_size=args.batch_size,
+        lr=args.lr,
+        grad_clip=args.grad_clip or None,
+        precision=args.precision,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        seed=args.seed,
+        num_workers=args.num_workers,
+    )
+    return LoopConfig(**{**shared, **fields})
+
+
 def parse_ema_decay(value: str, auto: Callable[[], float]) -> float | None:
     """An --ema-decay value: a number (0 = no EMA) or 'auto' (the command's rule for its
     length, asked only then)."""
@@ -117,22 +126,45 @@ def log(message: str) -> None:
 def check_data_fits(model, dataset, name: str, named_size: bool = False) -> None:
     """Refuse data the model cannot take, with the fix: for a named size (trained from
     scratch) the config override that fits, for a loaded model the data that fits it."""
-    x, y = dataset[0]
-    c = model.config
+    x, _ = dataset[0]
+    spec = backbone(model).spec
     space = "pixel" if name == "digits" else "latent"
-    fitting_data = "--data digits" if c.space == "pixel" else "--data with a folder of latent shards from extract-features"
-    if c.space != space:
+    fitting_data = "--data digits" if spec.space == "pixel" else "--data with a folder of latent shards from extract-features"
+    if spec.space != space:
         fix = f"use --space {space} (or --set space=\"{space}\")" if named_size else f"pass {fitting_data}"
-        raise ValueError(f"data {name} is in {space} space but the model is set up for {c.space} space; {fix}")
-    expected = (c.in_channels, c.input_size, c.input_size)
-    if tuple(x.shape) != expected:
+        raise ValueError(f"data {name} is in {space} space but the model is set up for {spec.space} space; {fix}")
+    kind = getattr(dataset, "conditioning", "class")
+    if kind != spec.conditioning.kind:
+        what = {"class": "class labels", "text": "captions (text embeddings)"}
+        raise ValueError(
+            f"data {name} is conditioned on {what.get(kind, kind)} but the model on {spec.conditioning.describe()}; "
+            + ("pass captioned data from 'leandit extract-features --pipeline'" if spec.conditioning.kind == "text"
+               else "pass class-labelled data")
+        )
+    if tuple(x.shape) != spec.input_shape:
         fix = "pick a model size that fits (e.g. --set input_size=... --set in_channels=...)" if named_size else \
             "pass --data made for this model (same resolution and VAE)"
-        raise ValueError(f"data {name} has items of shape {tuple(x.shape)} but the model takes {expected}; {fix}")
+        raise ValueError(f"data {name} has items of shape {tuple(x.shape)} but the model takes {spec.input_shape}; {fix}")
+    if kind == "text":
+        text = dataset[0][1]["text"]
+        if text.shape[-1] != spec.conditioning.dim:
+            raise ValueError(f"data {name} has text embeddings of width {text.shape[-1]} but the model takes {spec.conditioning.dim}; "
+                             "extract the captions with the text encoder of this model's pipeline")
+        return
     classes = getattr(dataset, "num_classes", None) or (int(dataset.tensors[1].max()) + 1 if hasattr(dataset, "tensors") else None)
-    if classes is not None and classes > c.num_classes:
+    if classes is not None and classes > spec.conditioning.num_classes:
         fix = f"use --set num_classes={classes}" if named_size else "pass --data with the model's classes"
-        raise ValueError(f"data {name} has {classes} classes but the model has {c.num_classes}; {fix}")
+        raise ValueError(f"data {name} has {classes} classes but the model has {spec.conditioning.num_classes}; {fix}")
+
+
+def data_conditioning(model, dataset) -> Conditioning:
+    """The model's conditioning, with the data's empty prompt when the data is captioned
+    (label dropout of a text model needs it)."""
+    conditioning = backbone(model).spec.conditioning
+    null = getattr(dataset, "null_condition", None)
+    if conditioning.kind == "text" and null is not None:
+        return conditioning.with_null(null)
+    return conditioning
 
 
 def write_run_record(out: Path, settings: dict[str, Any], model, world_size: int) -> None:
@@ -151,6 +183,6 @@ def write_run_record(out: Path, settings: dict[str, Any], model, world_size: int
         "machine": platform.machine(),
     }
     path = out / "run.json"
-    record = json.loads(path.read_text()) if path.exists() else {"settings": settings, "model_config": model.config.to_dict()}
+    record = json.loads(path.read_text()) if path.exists() else {"settings": settings, "model_config": backbone(model).describe()}
     record.setdefault("invocations", []).append(invocation)
     write_text_atomically(path, json.dumps(record, indent=2) + "\n")

@@ -19,7 +19,17 @@ from ..models.blocks import depth_of
 from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import barrier
 from ..train.ema import ema_decay_for_steps
-from .common import add_model_options, add_run_options, check_data_fits, log, open_model, parse_ema_decay, write_run_record
+from .common import (
+    add_model_options,
+    add_run_options,
+    check_data_fits,
+    data_conditioning,
+    log,
+    loop_config,
+    open_model,
+    parse_ema_decay,
+    write_run_record,
+)
 
 
 def add_parser(sub) -> None:
@@ -121,25 +131,19 @@ def run(args: argparse.Namespace) -> int:
                 layers = teacher_layers(student.compression, teacher.compression, depth_of(student), depth_of(teacher), args.align)
         dataset = open_training_data(args.data)
         check_data_fits(student, dataset, args.data)
-        config = LoopConfig(
-            steps=args.steps,
-            global_batch_size=args.batch_size,
-            lr=args.lr,
+        config = loop_config(
+            args,
             weight_decay=0.0,
             lr_schedule="cosine",
             final_lr_ratio=args.final_lr_ratio,
             ema_decay=parse_ema_decay(args.ema_decay, lambda: ema_decay_for_steps(args.steps, maximum=0.9999)),
-            grad_clip=args.grad_clip or None,
-            precision=args.precision,
-            checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints,
-            log_every=args.log_every,
-            seed=args.seed,
-            num_workers=args.num_workers,
         )
         trainer = Trainer(config, args.out, dist=dist, progress=not args.quiet)
         bf16 = trainer.uses_bf16()
-        job = RecoveryJob(student, teacher, settings, layers, teacher_dtype=torch.bfloat16 if bf16 and dist.device.type == "cuda" and teacher is not None else None)
+        job = RecoveryJob(student, teacher, settings, layers,
+                          teacher_dtype=torch.bfloat16 if bf16 and dist.device.type == "cuda" and teacher is not None else None,
+                          conditioning=data_conditioning(student, dataset))
         record = _recovery_record(args, settings, config, teacher, layers)
         if dist.is_main:
             write_run_record(args.out, {"command": "finetune", **record}, student, dist.world_size)

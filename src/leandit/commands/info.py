@@ -6,8 +6,9 @@ import argparse
 import json
 
 from ..compress.recovery.alignment import layer_origins, pruning_records
-from ..models.flops import count_parameters, forward_flops
-from ..models import NAMED_CONFIGS
+from ..models.summary import describe
+from ..backbones import backbone
+from ..models.io import is_named_size
 from .common import add_model_options, open_model
 
 
@@ -25,35 +26,20 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def describe(model, batch_size: int = 1) -> dict:
-    flops = forward_flops(model, batch_size)
-    return {
-        "source": getattr(model, "source", None) or model.config.name,
-        "architecture": model.config.to_dict(),
-        "tokens": model.config.num_tokens,
-        "parameters": count_parameters(model),
-        "fixed_position_embedding": model.pos_embed.numel(),
-        "batch_size": batch_size,
-        "flops_per_forward": flops,
-        "macs_per_forward": flops // 2,
-        "compression": getattr(model, "compression", None) or [],
-    }
-
-
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    model = open_model(args.model, args, device="meta" if args.model in NAMED_CONFIGS else "cpu", allow_random=True)
+    model = open_model(args.model, args, device="meta" if is_named_size(args.model) else "cpu", allow_random=True)
     info = describe(model, args.batch_size)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    c = model.config
+    c = backbone(model).spec
+    mlp = f", MLP x{model.config.mlp_ratio:g}" if hasattr(model.config, "mlp_ratio") else ""
     print(f"model       {info['source']}")
-    print(f"network     DiT, {c.depth} blocks, hidden {c.hidden_size}, {c.num_heads} heads, MLP x{c.mlp_ratio:g}, "
+    print(f"network     {c.family}, {c.depth} blocks, hidden {c.hidden_size}, {c.num_heads} heads{mlp}, "
           f"patch {c.patch_size}, {info['tokens']} tokens")
-    print(f"input       {c.in_channels} x {c.input_size} x {c.input_size} ({c.space} space), {c.num_classes} classes"
-          + (" + null class" if c.has_null_class else ""))
+    print(f"input       {c.in_channels} x {c.input_size} x {c.input_size} ({c.space} space), conditioned on {c.conditioning.describe()}")
     print(f"objective   {c.objective}" + (" with learned sigma" if c.learn_sigma else ""))
     print(f"parameters  {info['parameters']:,} ({info['parameters'] / 1e6:.2f} M) "
           f"+ {info['fixed_position_embedding']:,} fixed position-embedding values")

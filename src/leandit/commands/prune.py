@@ -19,7 +19,6 @@ from ..compress.depth import (
     LearnablePruningJob,
     LearnableSettings,
     explicit,
-    export_pruned,
     global_scheme,
     make_calibration_set,
     oracle,
@@ -32,12 +31,23 @@ from ..compress.depth.learnable import RECOVERABILITY, auto_ema_decay
 from ..data import open_training_data
 from ..evaluate.plots import plot_decisions
 from ..models.blocks import depth_of
-from ..models.io import read_compression
-from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
+from ..compress.depth.export import pruned_model
+from ..files import write_text_atomically
+from ..models.io import save_model
+from ..train import Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import resolve_device
 from ..train.distributed import barrier
 from ..train.loop import METRICS_FILE
-from .common import add_model_options, add_run_options, check_data_fits, log, open_model, parse_ema_decay
+from .common import (
+    add_model_options,
+    add_run_options,
+    check_data_fits,
+    data_conditioning,
+    log,
+    loop_config,
+    open_model,
+    parse_ema_decay,
+)
 
 DECISION_FILE = "decision.json"
 DECISION_PLOT = "decisions.png"
@@ -67,17 +77,19 @@ def add_parser(sub) -> None:
     cal.add_argument("--random-pick", choices=RANDOM_PICKS, default="first", help="--method random: the first mask drawn, or the min-/median-loss one of --random-samples (default first)")
     cal.add_argument("--random-samples", type=int, default=None, help="masks drawn for min-/median-loss random (default 100)")
 
+    d = LearnableSettings()  # the defaults live in the settings dataclass; the options show them
     learn = p.add_argument_group("learnable pruning (defaults are the TinyFusion paper's)")
     learn.add_argument("--steps", type=int, help="optimisation steps of the learnable run (required for it; the paper ran ~10k at batch 128)")
     learn.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
-    learn.add_argument("--recoverability", choices=RECOVERABILITY, default="lora", help="weight update trained with the gates: lora, full or frozen (default lora)")
-    learn.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
-    learn.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    learn.add_argument("--recoverability", choices=RECOVERABILITY, default=d.recoverability, help=f"weight update trained with the gates: lora, full or frozen (default {d.recoverability})")
+    learn.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
+    learn.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha (default {d.lora_alpha:g})")
     learn.add_argument("--lr", type=float, default=1e-4, help="learning rate of LoRA or full weights (default 1e-4)")
-    learn.add_argument("--logits-lr", type=float, default=1e-3, help="learning rate of the gate logits (default 1e-3)")
-    learn.add_argument("--temperature", type=float, nargs=2, default=(4.0, 0.1), metavar=("START", "END"), help="Gumbel-softmax temperature, linear over the run (default 4 0.1)")
-    learn.add_argument("--logit-scale", type=float, default=100.0, help="logits are multiplied by this before the softmax (default 100)")
-    learn.add_argument("--logit-init", type=float, default=0.02, help="initial value of every logit (default 0.02: uniform)")
+    learn.add_argument("--logits-lr", type=float, default=d.logits_lr, help=f"learning rate of the gate logits (default {d.logits_lr:g})")
+    learn.add_argument("--temperature", type=float, nargs=2, default=(d.temperature_start, d.temperature_end), metavar=("START", "END"),
+                       help=f"Gumbel-softmax temperature, linear over the run (default {d.temperature_start:g} {d.temperature_end:g})")
+    learn.add_argument("--logit-scale", type=float, default=d.logit_scale, help=f"logits are multiplied by this before the softmax (default {d.logit_scale:g})")
+    learn.add_argument("--logit-init", type=float, default=d.logit_init, help=f"initial value of every logit (default {d.logit_init:g}: uniform)")
     learn.add_argument("--ema-decay", default="auto",
                        help="EMA decay of logits and weights; the decision uses the EMA logits; 0 disables. auto = 1 - 10 / steps "
                        "within [0.9, 0.999]: the paper's 0.999 at its ~10k steps, and for shorter runs an EMA that still "
@@ -179,7 +191,7 @@ def _run_learnable(args: argparse.Namespace) -> int:
     dist = setup_distributed(args.device)
     try:
         source = open_model(args.model, args)
-        _scheme_for(args, depth_of(source))  # validate before any work
+        scheme = _scheme_for(args, depth_of(source))  # parsed once, before any work
         settings = LearnableSettings(
             scheme=args.scheme,
             temperature_start=args.temperature[0],
@@ -195,20 +207,9 @@ def _run_learnable(args: argparse.Namespace) -> int:
         dataset = open_training_data(args.data)
         check_data_fits(source, dataset, args.data)
         torch.manual_seed(args.seed)  # LoRA initialisation
-        job = LearnablePruningJob(copy.deepcopy(source), settings)
-        config = LoopConfig(
-            steps=args.steps,
-            global_batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=0.0,
-            ema_decay=parse_ema_decay(args.ema_decay, lambda: auto_ema_decay(args.steps)),
-            grad_clip=args.grad_clip or None,
-            precision=args.precision,
-            checkpoint_every=args.checkpoint_every,
-            log_every=args.log_every,
-            seed=args.seed,
-            num_workers=args.num_workers,
-        )
+        job = LearnablePruningJob(copy.deepcopy(source), settings, scheme, data_conditioning(source, dataset))
+        config = loop_config(args, weight_decay=0.0,
+                             ema_decay=parse_ema_decay(args.ema_decay, lambda: auto_ema_decay(args.steps)))
         if dist.is_main:
             weights = f"{job.trainable_weights:,} {settings.recoverability} weights" if job.trainable_weights else "frozen weights"
             log(f"learnable {job.scheme} pruning of {args.model} ({depth_of(source)} -> {job.scheme.num_kept} blocks, "
@@ -240,9 +241,10 @@ def _run_learnable(args: argparse.Namespace) -> int:
 
 def _finish(args, source, decision, weights=None, label="original") -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    folder = export_pruned(source, decision, args.out / "model", weights, label, source_name=str(args.model))
-    record = read_compression(folder)[-1]  # the same record, beside the run for a quick look
-    (args.out / DECISION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    model = pruned_model(source, decision, weights, label, source_name=str(args.model))
+    folder = save_model(model, args.out / "model")
+    # The model's own new record, once more beside the run for a quick look.
+    write_text_atomically(args.out / DECISION_FILE, json.dumps(model.compression[-1], indent=2) + "\n")
     summary = f"{args.method}: kept {len(decision.kept)} of {decision.depth} blocks {decision.kept}"
     if decision.groups and "confidence" in decision.groups[0]:
         summary += f", lowest group confidence {min(g['confidence'] for g in decision.groups):.3f}"

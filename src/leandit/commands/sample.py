@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..backbones import Conditioning, backbone
 from ..diffusion import GaussianDiffusion, LinearFlow
 from ..data.vae import load_vae
 from ..evaluate.sample_run import PartPlan, assemble, check_settings, first_images, make_parts
@@ -35,7 +36,11 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder for samples.npz and grid.png")
     p.add_argument("--num-samples", type=int, default=64, help="number of samples (default 64; 50000 for the standard FID)")
     p.add_argument("--labels", default="balanced",
-                   help="balanced (0,1,..,K-1,0,..), random (uniform, seeded), or comma-separated class ids (default balanced)")
+                   help="class-conditional models: balanced (0,1,..,K-1,0,..), random (uniform, seeded), or comma-separated "
+                   "class ids (default balanced)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="text-to-image models: the prompt embeddings from 'leandit encode-prompts' (image i gets prompt "
+                   "i mod P; arr_1 of samples.npz holds the prompt numbers; guidance uses the file's empty prompt)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="ddpm or ddim for diffusion models, euler, heun or sde for flow models (default: ddim / heun)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50 for ddim and flow samplers, 250 for ddpm)")
@@ -45,7 +50,8 @@ def add_parser(sub) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 = deterministic (default 0)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--vae", type=Path, default=None, help="local diffusers AutoencoderKL folder to decode latent models")
+    p.add_argument("--vae", type=Path, default=None,
+                   help="local diffusers AutoencoderKL folder to decode latent models (default for a pipeline folder: its vae/)")
     p.add_argument("--part-size", type=int, default=1000, help="images per part file: the unit of resuming and of splitting across processes (default 1000)")
     p.add_argument("--grid", type=int, default=100, help="images in grid.png, the first ones (default 100; 0 = no grid)")
     p.add_argument("--grid-columns", type=int, default=None, help="columns of the PNG grid (default: number of classes up to 16, else sqrt(N))")
@@ -65,15 +71,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         torch.manual_seed(args.seed)  # a named size's random weights: the same on every rank and every resume
         model = open_model(args.model, args, device=dist.device, allow_random=True)
-        config = model.config
+        spec = backbone(model).spec
         vae = None
-        if config.space == "latent":
+        if spec.space == "latent":
+            if args.vae is None and (Path(args.model) / "model_index.json").exists() and (Path(args.model) / "vae").is_dir():
+                args.vae = Path(args.model) / "vae"  # a pipeline folder brings its own VAE
             if args.vae is None:
                 raise ValueError("this model generates VAE latents: pass --vae PATH (a local diffusers AutoencoderKL folder)")
             vae = load_vae(args.vae, dist.device)
         steps = args.steps if args.steps is not None else (250 if args.sampler == "ddpm" else 50)
-        check_sampling_options(config, args.sampler, args.cfg_scale)  # before anything is written
-        labels = make_labels(args.num_samples, config.num_classes, args.labels, args.seed)
+        conditions = ImageConditions.for_model(spec.conditioning, args)
+        check_sampling_options(spec, args.sampler, args.cfg_scale, conditions.conditioning)  # before anything is written
+        labels = conditions.labels(args.num_samples, args.seed)
         plan = PartPlan(args.num_samples, args.part_size)
         settings = {
             "model": str(args.model), "model_files": _files_stamp(args.model), "weights": args.weights, "objective": args.objective,
@@ -81,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
             "sampler": args.sampler, "steps": steps, "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels,
             "eta": args.eta, "vae": str(args.vae) if args.vae else None, "part_size": args.part_size,
         }
+        if args.prompts is not None:
+            settings.update(prompts=str(args.prompts), prompts_files=_files_stamp(str(args.prompts)))
         if dist.is_main:
             try:
                 check_settings(args.out, settings)  # writes them for a new run
@@ -90,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
         check_settings(args.out, settings)
 
         def render(indices: range) -> np.ndarray:
-            x = generate(model, labels[indices.start : indices.stop], sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale,
-                         guided_channels=args.guided_channels, eta=args.eta, seed=args.seed, indices=indices,
-                         batch_size=args.batch_size, progress=False)
-            return to_uint8_images(x, config.space, vae)
+            x = generate(model, conditions.condition(labels[indices.start : indices.stop]), sampler=args.sampler, steps=steps,
+                         cfg_scale=args.cfg_scale, guided_channels=args.guided_channels, eta=args.eta, seed=args.seed,
+                         indices=indices, batch_size=args.batch_size, progress=False, conditioning=conditions.conditioning)
+            return to_uint8_images(x, spec.space, vae)
 
         started = time.perf_counter()
         mine = plan.parts_of(dist.rank, dist.world_size)
@@ -108,12 +119,54 @@ def run(args: argparse.Namespace) -> int:
                 f"{time.perf_counter() - started:.1f} s on {dist.world_size} x {dist.device}): {npz}")
             if args.grid > 0:
                 images, grid_labels = first_images(plan, args.out, args.grid)
-                columns = args.grid_columns or (config.num_classes if config.num_classes <= 16 and args.labels == "balanced" else None)
+                columns = args.grid_columns or conditions.grid_columns()
                 log(f"grid of the first {len(images)}: {save_grid(args.out / 'grid.png', images, ncols=columns)}")
         barrier()
     finally:
         teardown_distributed()
     return 0
+
+
+class ImageConditions:
+    """What each image is conditioned on: `labels(n)` gives one number per image (a class id,
+    or a prompt's index in the prompt file), `condition(numbers)` the model's input for them."""
+
+    def __init__(self, conditioning: Conditioning, mode: str = "balanced", prompts: dict | None = None):
+        self.conditioning = conditioning
+        self.mode = mode  # how class ids are chosen (see make_labels)
+        self.prompts = prompts
+
+    @classmethod
+    def for_model(cls, conditioning: Conditioning, args: argparse.Namespace) -> "ImageConditions":
+        if conditioning.kind == "text":
+            if args.prompts is None:
+                raise ValueError("this is a text-to-image model: pass --prompts EMB.safetensors (made by 'leandit encode-prompts')")
+            if args.labels != "balanced":
+                raise ValueError("--labels applies to class-conditional models; a text-to-image model samples from --prompts")
+            from ..data.text import load_prompt_embeddings
+
+            prompts = load_prompt_embeddings(args.prompts)
+            null = {"text": prompts["null_text"], "text_mask": prompts["null_text_mask"]}
+            return cls(conditioning.with_null(null), prompts=prompts)
+        if args.prompts is not None:
+            raise ValueError(f"--prompts applies to text-to-image models; this model is conditioned on {conditioning.describe()}")
+        return cls(conditioning, mode=args.labels)
+
+    def labels(self, n: int, seed: int) -> torch.Tensor:
+        if self.prompts is not None:
+            return torch.arange(n) % self.prompts["text"].shape[0]
+        return make_labels(n, self.conditioning.num_classes, self.mode, seed)
+
+    def condition(self, numbers: torch.Tensor):
+        if self.prompts is None:
+            return numbers
+        return {"text": self.prompts["text"][numbers], "text_mask": self.prompts["text_mask"][numbers]}
+
+    def grid_columns(self) -> int | None:
+        count = self.prompts["text"].shape[0] if self.prompts is not None else self.conditioning.num_classes
+        if count <= 16 and (self.prompts is not None or self.mode == "balanced"):
+            return count
+        return None
 
 
 def _files_stamp(spec: str) -> list | None:

@@ -8,6 +8,7 @@ settings are written to `<out>/run.json` so that a run can be repeated exactly.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..backbones import backbone
 from ..data import open_training_data
 from ..diffusion import make_objective
 from ..models import NAMED_CONFIGS, build_model, save_model
@@ -22,7 +24,12 @@ from ..train import DenoisingJob, LoopConfig, Trainer, setup_distributed, teardo
 from ..train.distributed import barrier
 from ..train.loop import PRECISIONS
 from ..train.schedules import LR_SCHEDULES
-from .common import add_model_options, check_data_fits, log, open_model, write_run_record
+from .common import add_model_options, check_data_fits, data_conditioning, log, open_model, write_run_record
+
+# The loop's own settings keep the loop's defaults (LoopConfig is where they live).
+_LOOP = {f.name: f.default for f in dataclasses.fields(LoopConfig) if f.default is not dataclasses.MISSING}
+_LOOP_FIELDS = ("lr", "weight_decay", "lr_schedule", "warmup_steps", "final_lr_ratio", "ema_decay", "ema_warmup",
+                "grad_clip", "precision", "checkpoint_every", "keep_checkpoints", "log_every", "seed", "num_workers")
 
 # Every setting a recipe may hold, with its default (None: required).
 DEFAULTS: dict[str, Any] = {
@@ -31,21 +38,8 @@ DEFAULTS: dict[str, Any] = {
     "data": None,
     "steps": None,
     "batch_size": 256,
-    "lr": 1e-4,
-    "weight_decay": 0.0,
-    "lr_schedule": "constant",
-    "warmup_steps": 0,
-    "final_lr_ratio": 1.0,
-    "ema_decay": 0.9999,
-    "ema_warmup": False,
-    "grad_clip": 1.0,
-    "precision": "auto",
+    **{name: _LOOP[name] for name in _LOOP_FIELDS},
     "class_dropout": None,
-    "checkpoint_every": 1000,
-    "keep_checkpoints": 2,
-    "log_every": 10,
-    "seed": 0,
-    "num_workers": 0,
     "device": "auto",
 }
 
@@ -142,28 +136,15 @@ def run(args: argparse.Namespace) -> int:
             model = open_model(s["model"], args)
         dataset = open_training_data(s["data"])
         check_data_fits(model, dataset, s["data"], named_size=s["model"] in NAMED_CONFIGS)
-        config = LoopConfig(
-            steps=s["steps"],
-            global_batch_size=s["batch_size"],
-            lr=s["lr"],
-            weight_decay=s["weight_decay"],
-            lr_schedule=s["lr_schedule"],
-            warmup_steps=s["warmup_steps"],
-            final_lr_ratio=s["final_lr_ratio"],
-            ema_decay=s["ema_decay"] or None,
-            ema_warmup=bool(s["ema_warmup"]),
-            grad_clip=s["grad_clip"] or None,
-            precision=s["precision"],
-            checkpoint_every=s["checkpoint_every"],
-            keep_checkpoints=s["keep_checkpoints"],
-            log_every=s["log_every"],
-            seed=s["seed"],
-            num_workers=s["num_workers"],
-        )
-        job = DenoisingJob(model, make_objective(model.config), s["class_dropout"])
+        loop = {name: s[name] for name in _LOOP_FIELDS}
+        config = LoopConfig(steps=s["steps"], global_batch_size=s["batch_size"],
+                            **{**loop, "ema_decay": s["ema_decay"] or None, "ema_warmup": bool(s["ema_warmup"]),
+                               "grad_clip": s["grad_clip"] or None})
+        spec = backbone(model).spec
+        job = DenoisingJob(model, make_objective(spec), s["class_dropout"], data_conditioning(model, dataset))
         if dist.is_main:
             write_run_record(args.out, s, model, dist.world_size)
-            log(f"training {model.config.name or s['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) "
+            log(f"training {spec.name or s['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) "
                 f"on {s['data']} ({len(dataset)} items) for {s['steps']} steps on {dist.world_size} x {dist.device}")
         started = time.perf_counter()
         result = Trainer(config, args.out, dist=dist, progress=not args.quiet).fit(job, dataset, stop_after=args.stop_after)

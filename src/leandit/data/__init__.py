@@ -1,4 +1,5 @@
-"""Training data: the embedded digits, and sharded VAE latents of real image folders."""
+"""Training data: the embedded digits, and sharded VAE latents of real image folders (with
+class labels or caption embeddings: `LatentShardDataset.conditioning`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from torch.utils.data import Dataset
 from .digits import digits_dataset
 
 def open_training_data(spec: str) -> Dataset:
-    """"digits" (the embedded data set) or a folder of latent shards (extract-features)."""
+    """"digits" (the embedded data set) or a folder of latent shards (extract-features):
+    items (latent, label) for class-label folders, (latent, {"text", "text_mask"}) for
+    captioned ones."""
     if spec == "digits":
         return digits_dataset()
     path = Path(spec)

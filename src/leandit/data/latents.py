@@ -5,13 +5,19 @@ A folder written by `leandit extract-features` holds
     index.json                 metadata of the whole extraction (written once, by rank 0)
     shard-00000.safetensors    images [0, S) of the sorted file list
     shard-00001.safetensors    images [S, 2S) ...
+    null-text.safetensors      captioned folders only: the empty prompt's embedding
 
 Each shard holds `latents` (n, V, C, h, w) - V = 2 when variant 1 is the latent of the
-horizontally flipped image, V = 1 without flips - `labels` (n,) int64 and `indices` (n,) int64,
-the global index of each image. Many latents per file keep ImageNet at ~1250 files instead
-of 1.28 M. Every file is written under a temporary name and renamed into place, so a shard
-that exists is complete; an interrupted extraction shows as missing shards, never as a
-truncated one.
+horizontally flipped image, V = 1 without flips - and `indices` (n,) int64, the global index of
+each image, and then the condition of each image:
+- class labels (index.json without "conditioning", or "class"): `labels` (n,) int64;
+- captions ("conditioning": "text"): `text` (n, L, D) - the text encoder's output at each of
+  the L tokens, in the latents' dtype - and `text_mask` (n, L) int64, 1 on real tokens; the
+  caption strings are in the shard's header (see `shard_captions`). Both variants of an image
+  share its caption. null-text.safetensors holds `text` (L, D) and `text_mask` (L,) of "".
+Many latents per file keep ImageNet at ~1250 files instead of 1.28 M. Every file is written
+under a temporary name and renamed into place, so a shard that exists is complete; an
+interrupted extraction shows as missing shards, never as a truncated one.
 """
 
 from __future__ import annotations
@@ -56,6 +62,21 @@ SETTINGS_FIELDS = (
     "vae_sha256",
 )
 
+# Captioned folders: these too decide the content (the captions, the text encoder and how
+# prompts are tokenized); the source of the captions (a file, .txt files) does not.
+TEXT_SETTINGS_FIELDS = SETTINGS_FIELDS + (
+    "conditioning",
+    "captions_sha256",
+    "pipeline_class",
+    "max_length",
+    "text_shape",
+    "text_encoder_sha256",
+    "tokenizer_sha256",
+    "text_encoder_dtype",
+    "clean_caption",
+)
+NULL_TEXT_FILE = "null-text.safetensors"
+
 _RERUN = "rerun 'leandit extract-features' with the same options to complete it"
 
 
@@ -72,9 +93,18 @@ def shard_rows(k: int, num_images: int, shard_size: int) -> int:
     return min(shard_size, num_images - k * shard_size)
 
 
+def conditioning(meta: dict[str, Any]) -> str:
+    """"class" or "text": what a folder's shards hold besides latents."""
+    return meta.get("conditioning", "class")
+
+
+def settings_fields(meta: dict[str, Any]) -> tuple[str, ...]:
+    return TEXT_SETTINGS_FIELDS if conditioning(meta) == "text" else SETTINGS_FIELDS
+
+
 def settings_id(meta: dict[str, Any]) -> str:
     """A short hash of the fields that decide a shard's content."""
-    blob = json.dumps({k: meta.get(k) for k in SETTINGS_FIELDS}, sort_keys=True)
+    blob = json.dumps({k: meta.get(k) for k in settings_fields(meta)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -154,12 +184,70 @@ def write_shard(
         "labels": labels.to(torch.int64).contiguous().cpu(),
         "indices": indices.to(torch.int64).contiguous().cpu(),
     }
+    return _save(Path(folder) / shard_name(k), tensors, {"shard": k}, meta)
+
+
+def write_text_shard(
+    folder: Path,
+    k: int,
+    latents: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor,
+    indices: torch.Tensor,
+    captions: list[str],
+    meta: dict[str, Any],
+) -> Path:
+    """Write shard k of a captioned folder atomically: latents (n, V, C, h, w) and text
+    (n, L, D) in `meta["dtype"]`, text_mask (n, L) int64, the captions in the header."""
+    n = latents.shape[0]
+    want = shard_shapes(meta, n)
+    got = {"latents": list(latents.shape), "text": list(text.shape), "text_mask": list(text_mask.shape), "indices": list(indices.shape)}
+    if got != want or len(captions) != n:
+        raise ValueError(f"shard {k}: tensors {got} and {len(captions)} captions do not match the expected {want}")
+    store = DTYPES[meta["dtype"]]
+    tensors = {
+        "latents": latents.to(store).contiguous().cpu(),
+        "text": text.to(store).contiguous().cpu(),
+        "text_mask": text_mask.to(torch.int64).contiguous().cpu(),
+        "indices": indices.to(torch.int64).contiguous().cpu(),
+    }
+    return _save(Path(folder) / shard_name(k), tensors, {"shard": k, "captions": list(captions)}, meta)
+
+
+def write_null_text(folder: Path, text: torch.Tensor, text_mask: torch.Tensor, meta: dict[str, Any]) -> Path:
+    """Write null-text.safetensors: the empty prompt's `text` (L, D) and `text_mask` (L,)."""
+    L, D = meta["text_shape"]
+    if tuple(text.shape) != (L, D) or tuple(text_mask.shape) != (L,):
+        raise ValueError(f"the null text {tuple(text.shape)}, {tuple(text_mask.shape)} does not match {(L, D)}, {(L,)}")
+    tensors = {"text": text.to(DTYPES[meta["dtype"]]).contiguous().cpu(), "text_mask": text_mask.to(torch.int64).contiguous().cpu()}
+    return _save(Path(folder) / NULL_TEXT_FILE, tensors, {"null_text": True}, meta)
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], extra: dict[str, Any], meta: dict[str, Any]) -> Path:
     # One metadata key: safetensors writes its metadata map in arbitrary order, and a single
     # entry keeps shard files byte-identical however and wherever they were computed.
-    header = {HEADER_KEY: json.dumps({"format": FORMAT, "version": VERSION, "shard": k, "settings_id": settings_id(meta)}, sort_keys=True)}
-    path = Path(folder) / shard_name(k)
+    fields = {"format": FORMAT, "version": VERSION, "settings_id": settings_id(meta), **extra}
+    header = {HEADER_KEY: json.dumps(fields, sort_keys=True, ensure_ascii=False)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     return path
+
+
+def shard_shapes(meta: dict[str, Any], n: int) -> dict[str, list[int]]:
+    """The tensors (name -> shape) of a shard of n images of the extraction `meta`."""
+    shapes = {"latents": [n, meta["variants"], *meta["latent_shape"]]}
+    if conditioning(meta) == "text":
+        L, D = meta["text_shape"]
+        shapes.update(text=[n, L, D], text_mask=[n, L])
+    else:
+        shapes["labels"] = [n]
+    shapes["indices"] = [n]
+    return shapes
+
+
+def shard_captions(path: Path) -> list[str]:
+    """The captions of a captioned shard, in row order, from its header."""
+    with safe_open(str(path), framework="pt") as f:
+        return list(json.loads((f.metadata() or {}).get(HEADER_KEY, "{}")).get("captions", []))
 
 
 def shard_problem(path: Path, k: int, meta: dict[str, Any]) -> str | None:
@@ -168,11 +256,16 @@ def shard_problem(path: Path, k: int, meta: dict[str, Any]) -> str | None:
     Reads only the file's header, so checking every shard of ImageNet takes a second.
     """
     n = shard_rows(k, meta["num_images"], meta["shard_size"])
-    want = {
-        "latents": [n, meta["variants"], *meta["latent_shape"]],
-        "labels": [n],
-        "indices": [n],
-    }
+    return _file_problem(path, shard_shapes(meta, n), meta, captions=n if conditioning(meta) == "text" else None)
+
+
+def null_text_problem(path: Path, meta: dict[str, Any]) -> str | None:
+    """Why `path` is not the null-text file of the captioned extraction `meta` (None when it is)."""
+    L, D = meta["text_shape"]
+    return _file_problem(path, {"text": [L, D], "text_mask": [L]}, meta)
+
+
+def _file_problem(path: Path, want: dict[str, list[int]], meta: dict[str, Any], captions: int | None = None) -> str | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {}).get(HEADER_KEY, "{}"))
@@ -184,13 +277,23 @@ def shard_problem(path: Path, k: int, meta: dict[str, Any]) -> str | None:
                 got = list(f.get_slice(name).get_shape())
                 if got != shape:
                     return f"holds {name} of shape {tuple(got)}, index.json implies {tuple(shape)}"
+            if captions is not None and len(header.get("captions", [])) != captions:
+                return f"holds {len(header.get('captions', []))} captions for {captions} images"
     except Exception as err:  # safetensors raises its own error types for damaged files
         return f"cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     return None
 
 
 class LatentShardDataset(Dataset):
-    """(latent (C, h, w) float32, label int64) items from a folder of latent shards.
+    """(latent (C, h, w) float32, condition) items from a folder of latent shards.
+
+    The condition follows index.json: `conditioning == "class"` gives the label (int64
+    scalar); `conditioning == "text"` gives {"text": (L, D) float32, "text_mask": (L,) int64}
+    and the data set's `null_condition` is the same dict for the empty prompt, the
+    unconditional input of label dropout and guidance (class folders: None; the null class
+    is `num_classes`, the model's business). Captioned folders have `num_classes` None (and
+    `class_names` only when the captions are the class names); `caption(index)` reads an
+    item's caption.
 
     Item k is variant k % V of image k // V: the flip of an image is a separate item, so
     which latent an index names never depends on randomness, and the training loop can
@@ -206,16 +309,30 @@ class LatentShardDataset(Dataset):
         meta = read_index(self.folder)
         self.meta = meta
         self.latent_shape: tuple[int, int, int] = tuple(meta["latent_shape"])
-        self.num_classes: int = int(meta["num_classes"])
-        self.class_names: list[str] = list(meta["class_names"])
+        self.conditioning: str = conditioning(meta)
+        text = self.conditioning == "text"
+        self.num_classes: int | None = None if text else int(meta["num_classes"])
+        self.class_names: list[str] | None = list(meta["class_names"]) if meta.get("class_names") is not None else None
+        self.text_shape: tuple[int, int] | None = tuple(meta["text_shape"]) if text else None
         self.scale_factor: float = float(meta["scale_factor"])
         self.variants: int = int(meta["variants"])
         self.num_images: int = int(meta["num_images"])
         self.shard_size: int = int(meta["shard_size"])
         self.num_shards = num_shards(self.num_images, self.shard_size)
         self._check_shards()
+        self.null_condition: dict[str, torch.Tensor] | None = self._read_null_text() if text else None
         self._handles: OrderedDict[int, Any] = OrderedDict()
         self._pid = os.getpid()
+
+    def _read_null_text(self) -> dict[str, torch.Tensor]:
+        path = self.folder / NULL_TEXT_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{self.folder} has no {NULL_TEXT_FILE} (the empty prompt's embedding, written by rank 0); {_RERUN}")
+        problem = null_text_problem(path, self.meta)
+        if problem:
+            raise ValueError(f"{path} {problem}; delete it and {_RERUN}")
+        with safe_open(str(path), framework="pt") as f:
+            return {"text": f.get_tensor("text").to(torch.float32), "text_mask": f.get_tensor("text_mask").to(torch.int64)}
 
     def _check_shards(self) -> None:
         missing = [k for k in range(self.num_shards) if not (self.folder / shard_name(k)).exists()]
@@ -248,7 +365,8 @@ class LatentShardDataset(Dataset):
             self._handles.move_to_end(k)
         return handle
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _locate(self, index: int) -> tuple[int, int, int]:
+        """(shard, row, variant) of item `index`."""
         index = int(index)
         if index < 0:
             index += len(self)
@@ -256,10 +374,25 @@ class LatentShardDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         image, variant = divmod(index, self.variants)
         k, row = divmod(image, self.shard_size)
+        return k, row, variant
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
+        k, row, variant = self._locate(index)
         f = self._shard(k)
-        latent = f.get_slice("latents")[row, variant].to(torch.float32)
+        latent = f.get_slice("latents")[row, variant].to(torch.float32)  # (C, h, w)
+        if self.conditioning == "text":
+            text = f.get_slice("text")[row].to(torch.float32)  # (L, D)
+            mask = f.get_slice("text_mask")[row].to(torch.int64)  # (L,)
+            return latent, {"text": text, "text_mask": mask}
         label = f.get_slice("labels")[row].to(torch.int64)
         return latent, label
+
+    def caption(self, index: int) -> str:
+        """The caption of item `index` (captioned folders only)."""
+        if self.conditioning != "text":
+            raise ValueError(f"{self.folder} holds class labels, not captions")
+        k, row, _ = self._locate(index)
+        return shard_captions(self.folder / shard_name(k))[row]
 
     def __getstate__(self) -> dict[str, Any]:
         # Open handles cannot be pickled (spawn/forkserver workers): each worker reopens.
@@ -272,7 +405,8 @@ class LatentShardDataset(Dataset):
         self._pid = os.getpid()
 
     def __repr__(self) -> str:
+        what = f"text {self.text_shape}" if self.conditioning == "text" else f"{self.num_classes} classes"
         return (
             f"LatentShardDataset({str(self.folder)!r}: {self.num_images} images x {self.variants} variants, "
-            f"latents {self.latent_shape}, {self.num_classes} classes)"
+            f"latents {self.latent_shape}, {what})"
         )

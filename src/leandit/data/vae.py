@@ -44,10 +44,11 @@ def load_vae(vae_path: str | os.PathLike, device: torch.device | str = "cpu"):
     return vae.to(device).eval()
 
 
-def vae_fingerprint(vae_path: str | os.PathLike) -> str:
-    """A hash of the VAE's config and weight files: sd-vae-ft-ema and sd-vae-ft-mse share
-    a config and tensor shapes, and a resumed extraction must not mix the two."""
-    path = Path(vae_path)
+def model_fingerprint(model_path: str | os.PathLike) -> str:
+    """A hash of a model folder's config.json and weight files: sd-vae-ft-ema and
+    sd-vae-ft-mse share a config and tensor shapes, and a resumed extraction must not mix the
+    two (nor two fine-tunes of a text encoder)."""
+    path = Path(model_path)
     digest = hashlib.sha256((path / "config.json").read_bytes())
     for weights in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")):
         digest.update(weights.name.encode())
@@ -55,3 +56,6 @@ def vae_fingerprint(vae_path: str | os.PathLike) -> str:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+vae_fingerprint = model_fingerprint

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Union
 
-from ..models.config import DiTConfig
+from typing import Any
+
 from .flow import LinearFlow
 from .gaussian import GaussianDiffusion, linear_betas, space_timesteps
 from .noise import PerSampleNoise, StepRandom, mix_seed
@@ -17,11 +18,14 @@ from .noise import PerSampleNoise, StepRandom, mix_seed
 Objective = Union[GaussianDiffusion, LinearFlow]
 
 
-def make_objective(config: DiTConfig) -> Objective:
-    """The objective a model of this config was trained with."""
-    if config.objective == "flow":
+def make_objective(spec: Any) -> Objective:
+    """The objective a model was trained with, from its `BackboneSpec` (or a `DiTConfig`):
+    anything with `objective` ("diffusion" or "flow") and `learn_sigma`."""
+    if spec.objective == "flow":
         return LinearFlow()
-    return GaussianDiffusion.dit(learn_sigma=config.learn_sigma)
+    if spec.objective == "diffusion":
+        return GaussianDiffusion.dit(learn_sigma=spec.learn_sigma)
+    raise ValueError(f"unknown objective {spec.objective!r}: leandit trains and samples 'diffusion' (DiT) and 'flow' (SiT)")
 
 
 __all__ = [

@@ -1,42 +1,37 @@
-"""Models named on a command line for measuring: a model folder, a checkpoint file, or a
-named size with random weights and optional config overrides, e.g. `DiT-XL/2:depth=14`."""
+"""Models named on a command line: a model folder (leandit or diffusers), a checkpoint file, a
+shipped model's name (`digits-teacher`), or a named size with random weights and optional
+config overrides (`DiT-XL/2:depth=14`). One resolver for every command."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from ..models import NAMED_CONFIGS, build_model, load_model
+from ..assets import shipped_model
+from ..models.io import build_model, is_named_size, load_model, parse_named_size
+
+parse_spec = parse_named_size
 
 
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """("DiT-XL/2", {"depth": 14}) for "DiT-XL/2:depth=14"; (spec, {}) for anything else."""
-    name, _, rest = spec.partition(":")
-    if name not in NAMED_CONFIGS:
-        return spec, {}
-    overrides = {}
-    for item in filter(None, rest.split(",")):
-        field, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"{spec!r}: overrides are FIELD=VALUE, e.g. {name}:depth=14")
+def open_spec(spec: str, *, allow_random: bool = True, device: str | torch.device = "cpu", **load_options) -> nn.Module:
+    """The model a spec names. A named size gives random weights when `allow_random` (for
+    speed and size questions); device="meta" builds it without memory or initialisation."""
+    if is_named_size(spec):
+        if not allow_random:
+            raise ValueError(f"{spec!r} is a named size with random weights; pass a model folder or checkpoint file")
         try:
-            overrides[field.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[field.strip()] = value
-    return name, overrides
-
-
-def open_spec(spec: str, **load_options) -> nn.Module:
-    """The model a spec names (random weights for a named size)."""
-    name, overrides = parse_spec(spec)
-    if name in NAMED_CONFIGS:
-        try:
-            return build_model(name, **overrides)
+            if str(device) == "meta":
+                with torch.device("meta"):
+                    return build_model(spec)
+            return build_model(spec).to(device)
         except TypeError as err:
             raise ValueError(f"{spec!r}: {err}") from None
-    if not Path(spec).exists():
-        raise FileNotFoundError(f"model not found: {spec} (pass a model folder, a checkpoint file, or a named size such as "
-                                f"DiT-XL/2 or DiT-XL/2:depth=14)")
-    return load_model(spec, **load_options)
+    if not Path(spec).exists() and shipped_model(spec) is None:
+        named = ", or a named size such as DiT-XL/2 or DiT-XL/2:depth=14" if allow_random else ""
+        raise FileNotFoundError(
+            f"model not found: {spec} (pass a model folder, a diffusers transformer or pipeline folder, a DiT/SiT "
+            f".pt/.safetensors file, a shipped model such as digits-teacher{named})"
+        )
+    return load_model(spec, device=device if str(device) != "meta" else "cpu", **load_options)

@@ -12,8 +12,6 @@ in order into <out>/samples.npz (arr_0 = N x H x W x C uint8, arr_1 = labels).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..files import savez_atomically, write_text_atomically
+from ..files import savez_atomically, write_atomically, write_text_atomically
 
 PARTS = "parts"
 SETTINGS = "sampling.json"
@@ -111,25 +109,22 @@ def assemble(plan: PartPlan, out: Path, name: str = "samples.npz") -> Path:
         raise ValueError(f"{plan.path(out, 0)} is missing: rerun the same command to make it")
     shape, dtype = (plan.num, *first[0].shape[1:]), first[0].dtype
     target = Path(out) / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".npz", dir=target.parent)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with archive.open("arr_0.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+
+    def write(f) -> None:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array_header_2_0(entry, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
                 labels = []
                 for part in range(plan.num_parts):
                     data = first if part == 0 else read_part(plan.path(out, part), plan.indices(part))
                     if data is None:
                         raise ValueError(f"{plan.path(out, part)} is missing or incomplete: rerun the same command to make it")
-                    f.write(np.ascontiguousarray(data[0]).tobytes())
+                    entry.write(np.ascontiguousarray(data[0]).tobytes())
                     labels.append(data[1])
-            with archive.open("arr_1.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.concatenate(labels).astype(np.int64))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            with archive.open("arr_1.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, np.concatenate(labels).astype(np.int64))
+
+    write_atomically(target, write)
     return target
 
 

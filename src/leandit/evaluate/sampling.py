@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from torch import nn
+
+from ..backbones import BackboneSpec, Cond, Conditioning, backbone, cond_batch_size, cond_slice, cond_to
 from ..data.vae import LATENT_SCALE
 from ..diffusion import PerSampleNoise, make_objective, mix_seed
 from ..files import savez_atomically
-from ..models.dit import DiT
 from ..models.guidance import classifier_free_guidance
-
 
 
 def make_labels(n: int, num_classes: int, mode: str = "balanced", seed: int = 0) -> torch.Tensor:
@@ -40,32 +41,52 @@ def make_labels(n: int, num_classes: int, mode: str = "balanced", seed: int = 0)
     return torch.tensor(ids * (n // len(ids) + 1))[:n]
 
 
-def model_fn_for(model: DiT, labels: torch.Tensor, cfg_scale: float = 1.0, guided_channels: int | None = None):
-    """model(x, t) for these labels, with classifier-free guidance when cfg_scale != 1."""
+def model_fn_for(
+    model: nn.Module,
+    cond: Cond,
+    cfg_scale: float = 1.0,
+    guided_channels: int | None = None,
+    conditioning: Conditioning | None = None,
+):
+    """model_fn(x, t) for this conditioning (labels (N,) or text embeddings), with
+    classifier-free guidance when cfg_scale != 1 (`conditioning` supplies the unconditional
+    input: the model's own by default; a text model's comes with its prompt file)."""
+    adapter = backbone(model)
     if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, labels)
-    config = model.config
-    channels = guided_channels or config.guided_channels or config.in_channels
+        return lambda x, t: adapter.predict(x, t, cond)
+    spec = adapter.spec
+    conditioning = conditioning or spec.conditioning
+    unconditional = conditioning.null(cond_batch_size(cond), _device_of(cond))
+    channels = guided_channels or spec.channels_to_guide
     return lambda x, t: classifier_free_guidance(
-        model, x, t, labels, scale=cfg_scale, null_class=config.num_classes, channels=channels
+        adapter.predict, x, t, cond, scale=cfg_scale, channels=channels, unconditional=unconditional
     )
 
 
-def check_sampling_options(config, sampler: str | None, cfg_scale: float) -> str:
+def _device_of(cond: Cond) -> torch.device:
+    return cond.device if isinstance(cond, torch.Tensor) else next(iter(cond.values())).device
+
+
+def check_sampling_options(
+    spec: BackboneSpec, sampler: str | None, cfg_scale: float, conditioning: Conditioning | None = None
+) -> str:
     """The sampler to use (the objective's default for None); refuses ones that do not fit."""
-    objective = make_objective(config)
+    objective = make_objective(spec)
     sampler = sampler or objective.default_sampler
     if sampler not in objective.samplers:
-        raise ValueError(f"sampler {sampler!r} does not fit a {config.objective} model; choose one of {objective.samplers}")
-    if cfg_scale != 1.0 and not config.has_null_class:
-        raise ValueError("this model has no null class: it cannot use classifier-free guidance (use --cfg-scale 1)")
+        raise ValueError(f"sampler {sampler!r} does not fit a {spec.objective} model; choose one of {objective.samplers}")
+    conditioning = conditioning or spec.conditioning
+    if cfg_scale != 1.0 and not conditioning.has_null:
+        if conditioning.kind == "class":
+            raise ValueError("this model has no null class: it cannot use classifier-free guidance (use --cfg-scale 1)")
+        raise ValueError(f"guidance needs an unconditional input, which this {conditioning.describe()} model lacks (use --cfg-scale 1)")
     return sampler
 
 
 @torch.no_grad()
 def generate(
-    model: DiT,
-    labels: torch.Tensor,
+    model: nn.Module,
+    labels: Cond,
     *,
     sampler: str | None = None,
     steps: int | None = None,
@@ -76,31 +97,35 @@ def generate(
     indices: Sequence[int] | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    conditioning: Conditioning | None = None,
 ) -> torch.Tensor:
     """Samples in the model's own space (N, C, H, W): latents, or pixels in [-1, 1].
 
-    `indices` are the global image numbers that seed each sample's noise (default 0..N-1).
-    `eta` applies to DDIM only.
+    `labels` is the conditioning of each image: class ids (N,), or for a text model the
+    prompt embeddings {"text": (N, L, D), "text_mask": (N, L)} with `conditioning` carrying the
+    empty prompt for guidance. `indices` are the global image numbers that seed each sample's
+    noise (default 0..N-1). `eta` applies to DDIM only.
     """
-    config = model.config
-    objective = make_objective(config)
-    sampler = check_sampling_options(config, sampler, cfg_scale)
+    spec = backbone(model).spec
+    objective = make_objective(spec)
+    sampler = check_sampling_options(spec, sampler, cfg_scale, conditioning)
     device = next(model.parameters()).device
-    indices = list(range(len(labels))) if indices is None else list(indices)
-    shape = (config.in_channels, config.input_size, config.input_size)
+    count = cond_batch_size(labels)
+    indices = list(range(count)) if indices is None else list(indices)
+    shape = spec.input_shape
     model.eval()
     chunks = []
-    starts = range(0, len(labels), batch_size)
+    starts = range(0, count, batch_size)
     for start in tqdm(starts, disable=not progress, desc="sample", leave=False):
-        y = labels[start : start + batch_size].to(device)
+        y = cond_to(cond_slice(labels, slice(start, start + batch_size)), device)
         noise = PerSampleNoise(seed, indices[start : start + batch_size], device)
         options = {"eta": eta} if objective.kind == "diffusion" else {}
         x = objective.sample(
-            model_fn_for(model, y, cfg_scale, guided_channels),
+            model_fn_for(model, y, cfg_scale, guided_channels, conditioning),
             lambda: noise.randn(shape),
             sampler=sampler,
             steps=steps,
-            clip_denoised=config.space == "pixel",
+            clip_denoised=spec.space == "pixel",
             **options,
         )
         chunks.append(x.float().cpu())
@@ -117,8 +142,11 @@ def to_uint8_images(x: torch.Tensor, space: str, vae=None, batch_size: int = 32)
         if vae is None:
             raise ValueError("this model generates VAE latents: pass the VAE to decode them (--vae PATH)")
         device = next(vae.parameters()).device
+        # The VAE's own scaling factor (0.18215 for the SD VAEs of DiT/SiT/PixArt-alpha,
+        # 0.13025 for PixArt-Sigma's SDXL VAE): latents were multiplied by it when encoded.
+        scale = float(getattr(getattr(vae, "config", None), "scaling_factor", None) or LATENT_SCALE)
         decoded = [
-            vae.decode(x[i : i + batch_size].to(device) / LATENT_SCALE).sample.float().cpu()
+            vae.decode(x[i : i + batch_size].to(device) / scale).sample.float().cpu()
             for i in range(0, len(x), batch_size)
         ]
         x = torch.cat(decoded)

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..backbones import ClassLabels, backbone
 from ..models.flops import count_parameters, forward_flops
 from .sampling import model_fn_for
 
@@ -44,17 +45,30 @@ class SpeedResult:
         return asdict(self)
 
 
+def guides(model: nn.Module, cfg_scale: float) -> bool:
+    """Whether a sampling step of `model` at this scale runs the guided 2 x batch: class
+    models with a null class, and text models (whose empty prompt comes with the prompts)."""
+    conditioning = backbone(model).spec.conditioning
+    return cfg_scale != 1.0 and (conditioning.has_null or conditioning.kind == "text")
+
+
 def sampling_step(model: nn.Module, batch_size: int, cfg_scale: float, device: torch.device, seed: int = 0) -> Callable[[], torch.Tensor]:
     """A no-argument callable that runs one sampling step of `model` on fixed random inputs."""
-    config = model.config
+    spec = backbone(model).spec
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, config.in_channels, config.input_size, config.input_size, generator=gen).to(device)
+    x = torch.randn(batch_size, *spec.input_shape, generator=gen).to(device)
     t = torch.randint(0, 1000, (batch_size,), generator=gen).to(device)
-    if config.objective == "flow":
+    if spec.objective == "flow":
         t = t.float() / 1000
-    y = torch.randint(0, config.num_classes, (batch_size,), generator=gen).to(device)
-    guided = cfg_scale != 1.0 and config.has_null_class
-    step = model_fn_for(model, y, cfg_scale if guided else 1.0)
+    conditioning = spec.conditioning
+    if isinstance(conditioning, ClassLabels):
+        cond = torch.randint(0, conditioning.num_classes, (batch_size,), generator=gen).to(device)
+    else:  # text: random embeddings of the example length; the timing does not depend on them
+        example = conditioning.example(1)
+        cond = {"text": torch.randn(batch_size, *example["text"].shape[1:], generator=gen).to(device),
+                "text_mask": example["text_mask"].expand(batch_size, -1).to(device)}
+        conditioning = conditioning.with_null({"text": torch.zeros_like(example["text"][0]), "text_mask": example["text_mask"][0]})
+    step = model_fn_for(model, cond, cfg_scale if guides(model, cfg_scale) else 1.0, conditioning=conditioning)
     return lambda: step(x, t)
 
 
@@ -122,10 +136,10 @@ def measure_speed(
     for (name, model), samples, peak in zip(models, times, peaks):
         latency = statistics.median(samples)
         quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [latency] * 3
-        guided = cfg_scale != 1.0 and model.config.has_null_class
+        guided = guides(model, cfg_scale)
         results.append(SpeedResult(
             name=name,
-            depth=model.config.depth,
+            depth=backbone(model).spec.depth,
             parameters=count_parameters(model),
             flops_per_step=forward_flops(model, 2 * batch_size if guided else batch_size),
             latency_ms=latency * 1e3,
@@ -181,8 +195,13 @@ def compression_variants(model: nn.Module, keep: Sequence[float]) -> list[tuple[
     from ..models.blocks import block_list, depth_of, keep_blocks
     from ..models.width import slice_width
 
+    from ..models.dit import DiTBlock
+
     depth = depth_of(model)
     first = block_list(model)[0]
+    if not isinstance(first, DiTBlock):
+        raise ValueError(f"the width variants of --curve slice leandit DiT blocks; a {backbone(model).spec.family} "
+                         "model gets the depth curve with `leandit bench MODEL MODEL:depth=...` or pruned folders")
     heads, channels = first.attn.num_heads, first.mlp.fc1.out_features
     variants: list[tuple[str, str, float, nn.Module]] = [("full", f"full ({depth} blocks)", 1.0, model)]
     for f in keep:

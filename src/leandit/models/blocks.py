@@ -5,8 +5,9 @@ run it with a subset of the blocks, and a copy with fewer blocks that saves and 
 any other model. They are answered here once per kind of backbone, so gating, baselines and
 export never ask which network they hold.
 
-Known layouts: leandit's DiT/SiT (`blocks`, depth in `config.depth`) and diffusers
-transformers (`transformer_blocks`, depth in `config.num_layers`).
+A backbone's adapter (`leandit.backbones`) names its block list and records a new depth;
+other modules with a `blocks` or `transformer_blocks` ModuleList work for running and
+capturing (tests, custom models) but cannot be exported.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ BLOCK_LIST_NAMES = ("blocks", "transformer_blocks")
 
 
 def block_list_name(model: nn.Module) -> str:
+    from ..backbones import find_adapter
+
+    adapter = find_adapter(model)
+    if adapter is not None:
+        names = adapter(model).block_list_names
+        if len(names) != 1:
+            raise ValueError(f"{type(model).__name__} has {len(names)} block lists ({', '.join(names)}): depth methods need one")
+        return names[0]
     for name in BLOCK_LIST_NAMES:
         if isinstance(getattr(model, name, None), nn.ModuleList):
             return name
@@ -102,10 +111,6 @@ def keep_blocks(model: nn.Module, kept: Sequence[int]) -> nn.Module:
 
 
 def _set_depth(model: nn.Module, depth: int) -> None:
-    config = getattr(model, "config", None)
-    if hasattr(config, "replace") and hasattr(config, "depth"):  # leandit DiTConfig
-        model.config = config.replace(depth=depth)
-    elif hasattr(model, "register_to_config"):  # diffusers ModelMixin
-        model.register_to_config(num_layers=depth)
-    else:
-        raise ValueError(f"do not know how to record the new depth of a {type(model).__name__}")
+    from ..backbones import backbone
+
+    backbone(model).set_depth(depth)

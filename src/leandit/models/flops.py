@@ -39,15 +39,16 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def forward_flops(model: nn.Module, batch_size: int = 1) -> int:
-    """FLOPs (2 per multiply-accumulate) of one forward of a DiT-like model at `batch_size`."""
+    """FLOPs (2 per multiply-accumulate) of one forward of a backbone at `batch_size` (text
+    models at the adapter's example prompt length)."""
+    from ..backbones import backbone
+
     _register_cpu_attention()
-    config = model.config
     meta_model = _meta_copy(model)
-    x = torch.empty(batch_size, config.in_channels, config.input_size, config.input_size, device="meta")
-    t = torch.zeros(batch_size, dtype=torch.long, device="meta")
-    y = torch.zeros(batch_size, dtype=torch.long, device="meta")
+    adapter = backbone(meta_model)
+    x, t, cond = adapter.example_inputs(batch_size, "meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        meta_model(x, t, y)
+        adapter.predict(x, t, cond)
     return int(counter.get_total_flops())
 
 

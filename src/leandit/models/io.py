@@ -3,12 +3,18 @@
 `load_model(path)` reads:
 - a leandit model folder (`config.json`, `model.safetensors`, optional `ema.safetensors`
   and `compression.json`);
+- a diffusers transformer folder (`config.json` + `diffusion_pytorch_model.safetensors` as
+  `save_pretrained` writes them, optionally leandit's `leandit.json`, `ema.safetensors` and
+  `compression.json` beside them), or a diffusers pipeline folder (its `transformer/`);
 - an original DiT or SiT release file (`DiT-XL-2-256x256.pt`, `SiT-XL-2-256x256.pt`): a plain
   state dict, or a training checkpoint dict with `model`/`ema` entries (EMA preferred);
-- a single `.safetensors` file holding a state dict with the original key names.
+- a single `.safetensors` file holding a state dict with the original key names;
+- the name of a model shipped with leandit (`digits-teacher`).
 
-Loading is strict: a missing, unexpected or mis-shaped key is an error naming it.
-`save_model` writes a model folder atomically (a temporary folder, then a rename).
+A folder's metadata names its `model_type`, and the backbone adapter registered for that type
+(`leandit.backbones.ADAPTERS_BY_TYPE`) reads and writes it. Loading is strict: a missing,
+unexpected or mis-shaped key is an error naming it. `save_model` writes a model folder
+atomically (a temporary folder, then a rename).
 """
 
 from __future__ import annotations
@@ -18,8 +24,6 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,10 +31,16 @@ from typing import Any, Mapping
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from .config import DiTConfig, named_config
+from ..assets import shipped_model
+from ..files import write_folder_atomically
+from ..backbones import ADAPTERS_BY_TYPE, LAYOUTS, backbone, find_adapter
+from ..backbones.diffusers import DIFFUSERS_WEIGHTS, LEANDIT_META
+from .config import NAMED_CONFIGS, DiTConfig, named_config
 from .dit import DiT
 from .infer import CheckpointError, check_keys, infer_dit_config
+from .wrappers import apply_wrappers, peel_wrappers, write_wrappers
 
 FORMAT = "leandit-model"
 FORMAT_VERSION = 1
@@ -38,14 +48,37 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 COMPRESSION_FILE = "compression.json"
-MODEL_TYPES = {"dit": DiT}
 
 
 def build_model(name: str | DiTConfig, **overrides: Any) -> DiT:
-    """A model with fresh random weights: a named size ("DiT-XL/2", "SiT-S/4", ...) or a
-    config, with fields overridden (`build_model("DiT-XL/2", depth=14)`)."""
-    config = name.replace(**overrides) if isinstance(name, DiTConfig) else named_config(name, **overrides)
-    return DiT(config)
+    """A model with fresh random weights: a named size ("DiT-XL/2", "SiT-S/4", ...), a named
+    size with overrides in its name ("DiT-XL/2:depth=14,num_classes=10") or a config, with
+    fields overridden (`build_model("DiT-XL/2", depth=14)`)."""
+    if isinstance(name, DiTConfig):
+        return DiT(name.replace(**overrides))
+    base, named_overrides = parse_named_size(name)
+    return DiT(named_config(base, **{**named_overrides, **overrides}))
+
+
+def parse_named_size(spec: str) -> tuple[str, dict[str, Any]]:
+    """("DiT-XL/2", {"depth": 14}) for "DiT-XL/2:depth=14"; (spec, {}) for anything else."""
+    name, _, rest = str(spec).partition(":")
+    if name not in NAMED_CONFIGS:
+        return str(spec), {}
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        field, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"{spec!r}: overrides are FIELD=VALUE, e.g. {name}:depth=14")
+        try:
+            overrides[field.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field.strip()] = value
+    return name, overrides
+
+
+def is_named_size(spec: str) -> bool:
+    return parse_named_size(spec)[0] in NAMED_CONFIGS
 
 
 def load_model(
@@ -58,8 +91,9 @@ def load_model(
     trust_checkpoint: bool = False,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> DiT:
-    """Load a model folder or an original DiT/SiT checkpoint file.
+) -> nn.Module:
+    """Load a model folder (leandit or diffusers), a shipped model's name, or an original
+    DiT/SiT checkpoint file.
 
     Args:
         weights: "auto" (EMA weights when the file or folder has them), "ema" or "model".
@@ -70,11 +104,15 @@ def load_model(
         trust_checkpoint: allow a checkpoint that pickles arbitrary Python objects (runs
             code from the file: only for files you trust).
     """
-    path = Path(path)
+    name = str(path)
+    path = shipped_model(name) or Path(path)
     if weights not in ("auto", "ema", "model"):
         raise ValueError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
     if not path.exists():
-        raise FileNotFoundError(f"model not found: {path} (pass a model folder, a named config or a DiT/SiT .pt file)")
+        raise FileNotFoundError(
+            f"model not found: {path} (pass a model folder, a diffusers transformer or pipeline folder, a DiT/SiT .pt "
+            "file or a shipped model's name such as digits-teacher)"
+        )
     if path.is_dir():
         model = _load_folder(path, weights)
     else:
@@ -89,8 +127,11 @@ def load_model(
             # FIDs were measured so. A leandit folder records its own choice instead.
             config = config.replace(guided_channels=3)
         model = model_from_state_dict(config, state_dict, source=f"{path} ({label})")
-    model.source = str(path)
-    return model.to(device=device, dtype=dtype)
+    model.source = name
+    model = model.to(device)
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype)  # diffusers warns on a dtype argument even when nothing changes
+    return model
 
 
 def model_from_state_dict(
@@ -179,41 +220,120 @@ def _strip_wrapper_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
     return state_dict
 
 
-def _load_folder(folder: Path, weights: str) -> DiT:
+def _load_folder(folder: Path, weights: str) -> nn.Module:
+    model_folder, meta = identify_folder(folder)
+    adapter = ADAPTERS_BY_TYPE[meta["model_type"]]
+    weights_name, ema_name = adapter.weights_files(model_folder)
+    has_ema = (model_folder / ema_name).exists()
+    if weights == "ema" and not has_ema:
+        raise CheckpointError(f"{model_folder}: has no {ema_name}; use --weights model or --weights auto")
+    use_ema = weights == "ema" or (weights == "auto" and has_ema)
+    wrapped = bool(meta.get("wrappers"))
+    # A wrapped model's EMA covers the wrappers too: build it from the model weights, then
+    # load the whole EMA state dict on top.
+    file = model_folder / (ema_name if use_ema and not wrapped else weights_name)
+    if not file.exists():
+        found = sorted(p.name for p in model_folder.iterdir())
+        raise CheckpointError(f"{model_folder}: {file.name} is missing (the folder holds {found}); is the copy complete?")
+    model = adapter.read_files(model_folder, meta, file)
+    if wrapped:
+        model = apply_wrappers(model, meta["wrappers"], model_folder)
+        if use_ema:
+            ema = read_safetensors(model_folder / ema_name)
+            check_keys(model.state_dict(), ema, str(model_folder / ema_name))
+            model.load_state_dict(ema, strict=True)
+    model.compression = read_compression(model_folder)
+    backbone(peel_wrappers(model)[0]).prepare()
+    return model
+
+
+def identify_folder(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """(the folder holding the model, leandit's metadata of it) for a leandit model folder, a
+    diffusers transformer folder or a diffusers pipeline folder (its transformer/)."""
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        if not (folder / "transformer").is_dir():
+            raise CheckpointError(
+                f"{folder}: a diffusers pipeline without a transformer/ folder: pass a pipeline that has one "
+                "(DiT, PixArt), or the transformer folder itself"
+            )
+        folder = folder / "transformer"
     config_path = folder / CONFIG_FILE
     if not config_path.exists():
-        raise CheckpointError(f"{folder}: no {CONFIG_FILE}: not a leandit model folder")
-    try:
-        meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{config_path}: not a leandit model config (format {meta.get('format')!r})")
+        raise CheckpointError(
+            f"{folder}: no {CONFIG_FILE}: not a model folder (pass a leandit model folder, a diffusers transformer "
+            "folder or a pipeline folder)"
+        )
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: not a model config (a JSON object)")
+    if config.get("format") == FORMAT:
+        meta = config
+    elif "_class_name" in config:
+        class_name = config["_class_name"]
+        if class_name not in LAYOUTS:
+            raise CheckpointError(
+                f"{folder}: holds a diffusers {class_name}, not a transformer leandit can adapt "
+                f"(supported: {', '.join(LAYOUTS)})"
+            )
+        meta_path = folder / LEANDIT_META
+        meta = _read_json(meta_path) if meta_path.exists() else {"format": FORMAT, "format_version": 1, "model_type": "diffusers"}
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{meta_path}: not leandit's metadata (format {meta.get('format')!r})")
+        meta = {**meta, "class_name": class_name}
+    else:
+        raise CheckpointError(f"{config_path}: not a leandit model config (format {config.get('format')!r}) nor a diffusers one")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{config_path}: format version {meta['format_version']} is newer than this leandit "
             f"reads ({FORMAT_VERSION}); upgrade leandit"
         )
-    model_type = meta.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise CheckpointError(f"{config_path}: unknown model_type {model_type!r}")
+    if meta.get("model_type") not in ADAPTERS_BY_TYPE:
+        raise CheckpointError(
+            f"{config_path}: unknown model_type {meta.get('model_type')!r} (this leandit reads {', '.join(ADAPTERS_BY_TYPE)}); "
+            "upgrade leandit or check the file"
+        )
+    return folder, meta
+
+
+def _read_json(path: Path) -> Any:
     try:
-        config = DiTConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{config_path}: bad config ({err})") from None
-    has_ema = (folder / EMA_FILE).exists()
-    if weights == "ema" and not has_ema:
-        raise CheckpointError(f"{folder}: has no {EMA_FILE}; use weights='model' or 'auto'")
-    file = folder / (EMA_FILE if weights == "ema" or (weights == "auto" and has_ema) else WEIGHTS_FILE)
-    if not file.exists():
-        raise CheckpointError(f"{folder}: {file.name} is missing")
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state_dict = load_file(str(file))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({err}); is it complete?") from None
-    model = model_from_state_dict(config, state_dict, source=str(file))
-    model.compression = read_compression(folder)
-    return model
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)}); is it complete?") from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file, the index of a sharded one, or a .bin file."""
+    path = Path(path)
+    if path.name.endswith(".safetensors.index.json"):
+        index = _read_json(path)
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        state_dict: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state_dict.update(read_safetensors(path.parent / shard))
+        return state_dict
+    if path.suffix == ".bin":
+        return _torch_load(path, trust=False)
+    return read_safetensors(path)
+
+
+def weights_file(folder: Path, ema: bool = False) -> Path:
+    """The weights file of a model folder or training checkpoint (leandit's or diffusers' name)."""
+    folder = Path(folder)
+    if ema:
+        return folder / EMA_FILE
+    for name in (WEIGHTS_FILE, DIFFUSERS_WEIGHTS, DIFFUSERS_WEIGHTS + ".index.json", "diffusion_pytorch_model.bin"):
+        if (folder / name).exists():
+            return folder / name
+    return folder / WEIGHTS_FILE
 
 
 def read_compression(folder: Path) -> list[dict[str, Any]]:
@@ -229,21 +349,28 @@ def read_compression(folder: Path) -> list[dict[str, Any]]:
 
 
 def save_model(
-    model: DiT,
+    model: nn.Module,
     folder: str | os.PathLike,
     *,
-    ema: DiT | Mapping[str, torch.Tensor] | None = None,
+    ema: nn.Module | Mapping[str, torch.Tensor] | None = None,
     compression: list[dict[str, Any]] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a model folder atomically; an existing folder is replaced only once the new one
     is complete.
 
+    The folder's layout follows the model: a leandit DiT writes config.json (leandit's) +
+    model.safetensors; a diffusers transformer writes what `save_pretrained` writes (so stock
+    `from_pretrained` reads it) plus leandit.json. Registered wrappers (see
+    `leandit.models.wrappers`) add their weights and tables beside the backbone's.
+
     Args:
         ema: EMA weights to store beside the model's own (loaded by default).
         compression: the compression history to record; default: `model.compression`.
-        extra: JSON-serialisable facts to store in config.json under "info".
+        extra: JSON-serialisable facts to store in the metadata under "info".
     """
+    if find_adapter(peel_wrappers(model)[0]) is None:
+        raise ValueError(f"cannot save a {type(model).__name__} as a model folder: it is not a backbone leandit can adapt")
     records = compression if compression is not None else getattr(model, "compression", None) or []
     write_folder_atomically(
         Path(folder), lambda tmp: write_model_files(tmp, model, ema=ema, compression=records, extra=extra)
@@ -253,70 +380,38 @@ def save_model(
 
 def write_model_files(
     folder: Path,
-    model: torch.nn.Module,
+    model: nn.Module,
     *,
-    ema: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
+    ema: nn.Module | Mapping[str, torch.Tensor] | None = None,
     compression: list[dict[str, Any]] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write weights (and, for a backbone, config.json) into an existing folder.
+    """Write a model's files into an existing folder.
 
-    Any module's weights can be written; only a backbone's make a loadable model folder.
+    Any module's weights can be written (a training checkpoint of a gated model); only a
+    backbone, possibly inside registered wrappers, makes a loadable model folder.
     """
-    if isinstance(model, DiT):
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model_type": "dit",
-            "config": model.config.to_dict(),
-        }
+    inner, wrappers = peel_wrappers(model)
+    adapter = find_adapter(inner)
+    if adapter is None:
+        save_tensors(model.state_dict(), folder / WEIGHTS_FILE)
+    else:
+        meta: dict[str, Any] = {}
         if extra:
             meta["info"] = dict(extra)
-        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    save_file(_tensors(model.state_dict()), str(folder / WEIGHTS_FILE))
+        if wrappers:
+            meta["wrappers"] = write_wrappers(folder, wrappers)
+        adapter(inner).write_files(folder, meta)
     if ema is not None:
-        ema_sd = ema.state_dict() if isinstance(ema, torch.nn.Module) else ema
+        ema_sd = ema.state_dict() if isinstance(ema, nn.Module) else ema
         check_keys(model.state_dict(), ema_sd, "EMA weights")
-        save_file(_tensors(ema_sd), str(folder / EMA_FILE))
+        save_tensors(ema_sd, folder / EMA_FILE)
     if compression:
         (folder / COMPRESSION_FILE).write_text(json.dumps(compression, indent=2) + "\n")
 
 
-def write_folder_atomically(folder: Path, write) -> None:
-    """Call write(tmp) on a fresh temporary folder beside `folder`, then move it into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        write(tmp)
-        _make_readable(tmp)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _read_umask() -> int:
-    umask = os.umask(0)  # the only way to read it is to set it: done once, at import
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _read_umask()
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp makes 0700 folders and safetensors 0600 files; give them the usual umask modes
-    so others on shared storage can read a model."""
-    os.chmod(folder, 0o777 & ~_UMASK)
-    for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+def save_tensors(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    save_file(_tensors(state_dict), str(path))
 
 
 def _tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,6 @@ model folder (with `config.json`), so `leandit sample <run>/checkpoints/step-000
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -20,7 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..models.infer import CheckpointError, check_keys
-from ..models.io import EMA_FILE, WEIGHTS_FILE, write_folder_atomically, write_model_files
+from ..files import write_folder_atomically, write_text_atomically
+from ..models.io import EMA_FILE, weights_file, write_model_files
 
 STATE_FILE = "training_state.pt"
 LATEST_FILE = "latest"
@@ -43,9 +43,7 @@ def save_checkpoint(
         torch.save(state, tmp / STATE_FILE)
 
     write_folder_atomically(folder, write)
-    tmp_latest = root / f".{LATEST_FILE}.tmp"
-    tmp_latest.write_text(folder.name + "\n")
-    os.replace(tmp_latest, root / LATEST_FILE)
+    write_text_atomically(root / LATEST_FILE, folder.name + "\n")
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -73,8 +71,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(folder: Path, module: nn.Module, ema: nn.Module | None) -> dict[str, Any]:
     """Load weights into `module` (and `ema`) strictly; return the training state."""
-    weights = load_file(str(folder / WEIGHTS_FILE))
-    check_keys(module.state_dict(), weights, str(folder / WEIGHTS_FILE))
+    weights_path = weights_file(folder)  # model.safetensors, or diffusers' name for a diffusers backbone
+    weights = load_file(str(weights_path))
+    check_keys(module.state_dict(), weights, str(weights_path))
     module.load_state_dict(weights, strict=True)
     if ema is not None:
         if not (folder / EMA_FILE).exists():

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..backbones import Conditioning, backbone
 from ..diffusion import Objective, StepRandom
-from ..models.dit import DiT
 from .loop import TrainingJob
 
 
@@ -27,33 +27,60 @@ def drop_labels(y: torch.Tensor, prob: float, null_class: int, random: StepRando
     return torch.where(drop, torch.full_like(y, null_class), y)
 
 
+def drop_conditions(cond: Any, prob: float, conditioning: Conditioning, random: StepRandom) -> Any:
+    """Replace each image's conditioning by the unconditional input with probability `prob`
+    (class labels by the null class, text by the empty prompt), from the step's randomness."""
+    if prob <= 0:
+        return cond
+    return conditioning.drop(cond, random.rand() < prob)  # (N,) mask
+
+
 def draw_inputs(
-    objective: Objective, batch: Any, random: StepRandom, class_dropout: float, null_class: int
-) -> tuple[torch.Tensor, ...]:
-    """(x0, t, noise, labels after label dropout) of a training step, from the step's
+    objective: Objective, batch: Any, random: StepRandom, class_dropout: float, conditioning: Conditioning
+) -> tuple[Any, ...]:
+    """(x0, t, noise, conditioning after label dropout) of a training step, from the step's
     randomness: every job that trains on the denoising objective draws them this way."""
-    x0, y = batch  # (N, C, H, W), (N,)
+    x0, cond = batch  # (N, C, H, W), labels (N,) or text {"text": (N, L, D), "text_mask": (N, L)}
     t = objective.sample_timesteps(x0.shape[0], random)  # (N,)
     noise = random.randn(*x0.shape[1:])  # (N, C, H, W)
-    return x0, t, noise, drop_labels(y, class_dropout, null_class, random)
+    return x0, t, noise, drop_conditions(cond, class_dropout, conditioning, random)
+
+
+def job_conditioning(model: nn.Module, class_dropout: float | None, conditioning: Conditioning | None = None) -> tuple[float, Conditioning]:
+    """(label-dropout probability, conditioning) of a job on `model`: the dropout defaults to
+    the one the model was trained with; dropping needs an unconditional input."""
+    spec = backbone(model).spec
+    conditioning = conditioning or spec.conditioning
+    prob = check_dropout(spec.condition_dropout if class_dropout is None else class_dropout)
+    if prob > 0 and not conditioning.has_null:
+        if conditioning.kind == "class":
+            raise ValueError("label dropout needs a model with a null class; pass --class-dropout 0")
+        raise ValueError(f"label dropout of {conditioning.describe()} needs the empty prompt's embedding (from captioned "
+                         "data) or --class-dropout 0")
+    return prob, conditioning
 
 
 class DenoisingJob(TrainingJob):
-    """Minimise the model's own objective (DiT diffusion loss or SiT velocity loss)."""
+    """Minimise the model's own objective (DiT diffusion loss or SiT velocity loss).
 
-    def __init__(self, model: DiT, objective: Objective, class_dropout_prob: float | None = None):
-        self.module = model
+    `conditioning` overrides the model's (a text model's, with the data's empty prompt)."""
+
+    def __init__(self, model: nn.Module, objective: Objective, class_dropout_prob: float | None = None,
+                 conditioning: Conditioning | None = None):
+        self.module = backbone(model).prepare()
         self.objective = objective
-        self.class_dropout_prob = check_dropout(model.config.class_dropout_prob if class_dropout_prob is None else class_dropout_prob)
-        if self.class_dropout_prob > 0 and not model.config.has_null_class:
-            raise ValueError("label dropout needs a model with a null class (class_dropout_prob > 0 in its config)")
+        self.class_dropout_prob, self.conditioning = job_conditioning(model, class_dropout_prob, conditioning)
 
-    def draw_inputs(self, batch: Any, random: StepRandom) -> tuple[torch.Tensor, ...]:
-        return draw_inputs(self.objective, batch, random, self.class_dropout_prob, self.module.config.num_classes)
+    def draw_inputs(self, batch: Any, random: StepRandom) -> tuple[Any, ...]:
+        return draw_inputs(self.objective, batch, random, self.class_dropout_prob, self.conditioning)
+
+    def predict(self, module: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The prediction of the trained model, called through `module` (it may be DDP)."""
+        return backbone(self.module).predict(x, t, cond, via=module)
 
     def compute_loss(self, module: nn.Module, batch: Any, random: StepRandom) -> tuple[torch.Tensor, dict[str, Any]]:
         x0, t, noise, y = self.draw_inputs(batch, random)
-        terms = self.objective.training_losses(lambda x, tt: module(x, tt, y), x0, t, noise)
+        terms = self.objective.training_losses(lambda x, tt: self.predict(module, x, tt, y), x0, t, noise)
         logs = {"mse": terms["mse"].mean()}
         if "vb" in terms:
             logs["vb"] = terms["vb"].mean()

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
+from ...backbones import Cond, backbone, cond_slice, cond_to
 from ...diffusion import PerSampleNoise, make_objective
 from ...diffusion.gaussian import GaussianDiffusion
 from ...models.blocks import block_list, running_blocks
@@ -29,20 +30,22 @@ from ...models.blocks import block_list, running_blocks
 @dataclass
 class CalibrationSet:
     """Noised inputs ready to feed the model: x_t (N, C, H, W), the model timesteps t (N,),
-    labels y (N,), and the target the MSE compares with (N, C, H, W)."""
+    the conditioning y (labels (N,) or text embeddings, see `leandit.backbones`), and the
+    target the MSE compares with (N, C, H, W)."""
 
     xt: torch.Tensor
     t: torch.Tensor
-    y: torch.Tensor
+    y: Cond
     target: torch.Tensor
 
     def __len__(self) -> int:
         return self.xt.shape[0]
 
-    def batches(self, batch_size: int, device: torch.device | str) -> Iterator[tuple[torch.Tensor, ...]]:
+    def batches(self, batch_size: int, device: torch.device | str) -> Iterator[tuple[Any, ...]]:
         for start in range(0, len(self), batch_size):
             sl = slice(start, start + batch_size)
-            yield tuple(v[sl].to(device) for v in (self.xt, self.t, self.y, self.target))
+            yield (self.xt[sl].to(device), self.t[sl].to(device), cond_to(cond_slice(self.y, sl), device),
+                   self.target[sl].to(device))
 
 
 def calibration_indices(dataset: Dataset, size: int, seed: int = 0) -> list[int]:
@@ -64,9 +67,9 @@ def make_calibration_set(model: nn.Module, dataset: Dataset, size: int = 256, se
     whole range with noise fixed by `seed`. Labels are kept (no label dropout)."""
     items = [dataset[i] for i in calibration_indices(dataset, size, seed)]
     x0 = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in items])  # (N, C, H, W)
-    y = torch.tensor([int(label) for _, label in items])  # (N,)
+    y = default_collate([torch.as_tensor(c) if not isinstance(c, dict) else c for _, c in items])  # (N,) or text
     noise = PerSampleNoise(seed, range(size)).randn(x0.shape[1:])  # (N, C, H, W)
-    objective = make_objective(model.config)
+    objective = make_objective(backbone(model).spec)
     # Midpoints of `size` equal slices of the timestep range, then shuffled (fixed) so every
     # batch spans the whole range.
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
@@ -91,6 +94,7 @@ def calibration_loss(
     """Mean MSE of the model's prediction over the calibration set, running only the blocks
     `kept` (all when None)."""
     device = next(model.parameters()).device
+    adapter = backbone(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -98,7 +102,7 @@ def calibration_loss(
         context = running_blocks(model, kept) if kept is not None else contextlib.nullcontext()
         with context:
             for xt, t, y, target in calibration.batches(batch_size, device):
-                out = model(xt, t, y)[:, : target.shape[1]].float()
+                out = adapter.predict(xt, t, y)[:, : target.shape[1]].float()
                 total += float(((out - target) ** 2).mean(dim=(1, 2, 3)).sum())
                 count += xt.shape[0]
     finally:
@@ -128,11 +132,12 @@ def block_inputs_outputs(
 
     for index, block in enumerate(block_list(model)):
         handles.append(block.register_forward_hook(hook(index), with_kwargs=True))
+    adapter = backbone(model)
     was_training = model.training
     model.eval()
     try:
         for xt, t, y, _ in calibration.batches(batch_size, device):
-            model(xt, t, y)
+            adapter.predict(xt, t, y)
     finally:
         model.train(was_training)
         for handle in handles:

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...backbones import Conditioning, backbone
 from ...diffusion import StepRandom, make_objective
-from ...train.denoising import check_dropout, draw_inputs
+from ...train.denoising import draw_inputs, job_conditioning
 from ...train.ema import ema_decay_for_steps
 from ...train.loop import TrainingJob
 from ...train.schedules import linear_anneal
@@ -24,7 +25,7 @@ from ...models.blocks import depth_of
 from .decision import PruningDecision, group_records
 from .gates import DepthGates, GatedModel
 from .lora import add_lora
-from .scheme import mask_to_indices, parse_scheme
+from .scheme import Scheme, mask_to_indices, parse_scheme
 
 RECOVERABILITY = ("lora", "full", "frozen")
 
@@ -75,14 +76,18 @@ class LearnablePruningJob(TrainingJob):
     """Gates + recoverability update on the model's own loss. Takes ownership of `model`
     (wraps it, may add adapters): pass a copy if the original is needed afterwards."""
 
-    def __init__(self, model: nn.Module, settings: LearnableSettings):
+    def __init__(self, model: nn.Module, settings: LearnableSettings, scheme: Scheme | None = None,
+                 conditioning: Conditioning | None = None):
+        """`scheme`: the parsed `settings.scheme` when the caller has it already (parsed once,
+        at the edge); `conditioning`: the model's, with the data's empty prompt for text models."""
         self.settings = settings
-        self.scheme = parse_scheme(settings.scheme, depth_of(model))
-        self.objective = make_objective(model.config)
-        self.class_dropout = check_dropout(model.config.class_dropout_prob if settings.class_dropout is None else settings.class_dropout)
-        if self.class_dropout > 0 and not model.config.has_null_class:
-            raise ValueError("label dropout needs a model with a null class; pass --class-dropout 0")
-        self.null_class = model.config.num_classes
+        self.scheme = scheme if scheme is not None else parse_scheme(settings.scheme, depth_of(model))
+        if self.scheme.depth != depth_of(model):
+            raise ValueError(f"scheme {self.scheme} covers {self.scheme.depth} blocks but the model has {depth_of(model)}")
+        self.adapter = backbone(model)
+        self.adapter.prepare()
+        self.objective = make_objective(self.adapter.spec)
+        self.class_dropout, self.conditioning = job_conditioning(model, settings.class_dropout, conditioning)
         if settings.recoverability == "lora":
             self.trainable_weights = add_lora(model, settings.lora_rank, settings.lora_alpha)
         elif settings.recoverability == "frozen":
@@ -92,7 +97,7 @@ class LearnablePruningJob(TrainingJob):
             model.requires_grad_(True)
             self.trainable_weights = sum(p.numel() for p in model.parameters())
         gates = DepthGates(self.scheme, settings.logit_init, settings.logit_scale)
-        self.module = GatedModel(model, gates)
+        self.module = GatedModel(model, gates, output_inputs=self.adapter.block_output_inputs)
         self.module.temperature = settings.temperature_start
 
     @property
@@ -110,9 +115,10 @@ class LearnablePruningJob(TrainingJob):
         self.module.temperature = linear_anneal(step, total_steps, s.temperature_start, s.temperature_end)
 
     def compute_loss(self, module: nn.Module, batch: Any, random: StepRandom) -> tuple[torch.Tensor, dict[str, Any]]:
-        x0, t, noise, y = draw_inputs(self.objective, batch, random, self.class_dropout, self.null_class)
+        x0, t, noise, y = draw_inputs(self.objective, batch, random, self.class_dropout, self.conditioning)
         gate_noise = random.rand(self.gates.num_candidates)  # (N, C_total): one draw per image
-        terms = self.objective.training_losses(lambda x, tt: module(x, tt, y, gate_noise=gate_noise), x0, t, noise)
+        predict = self.adapter.predict
+        terms = self.objective.training_losses(lambda x, tt: predict(x, tt, y, via=module, gate_noise=gate_noise), x0, t, noise)
         logs = {"mse": terms["mse"].mean(), "temperature": self.module.temperature}
         return terms["loss"].mean(), logs
 

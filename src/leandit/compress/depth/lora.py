@@ -16,10 +16,22 @@ ADAPTER = "default"
 
 
 def lora_targets(backbone: nn.Module) -> list[str]:
-    """Full names of every nn.Linear inside the block list."""
+    """Full names of every nn.Linear inside the block list, except in the per-block copies of
+    model-wide embedders (diffusers DiT's `norm1.emb`: the original DiT's embedders are outside
+    the blocks and get no LoRA)."""
+    from ...backbones import find_adapter
+
     prefix = block_list_name(backbone)
     blocks = getattr(backbone, prefix)
-    return [f"{prefix}.{name}" for name, module in blocks.named_modules() if isinstance(module, nn.Linear)]
+    adapter = find_adapter(backbone)
+    shared = adapter(backbone).block_shared_modules if adapter is not None else ()
+
+    def is_shared(name: str) -> bool:
+        inner = name.split(".", 1)[1] if "." in name else ""  # without the block index
+        return any(inner == s or inner.startswith(s + ".") for s in shared)
+
+    return [f"{prefix}.{name}" for name, module in blocks.named_modules()
+            if isinstance(module, nn.Linear) and not is_shared(name)]
 
 
 def add_lora(backbone: nn.Module, rank: int = 8, alpha: float = 16.0) -> int:

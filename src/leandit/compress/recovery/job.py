@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ...backbones import Conditioning, backbone, cond_to
 from ...diffusion import StepRandom, make_objective
 from ...models.blocks import capturing_block_outputs, depth_of
 from ...train.denoising import DenoisingJob
@@ -46,10 +47,10 @@ class RecoverySettings:
         class_dropout: label-dropout probability; None = the student config's.
     """
 
-    kd_weight: float = 0.9
-    diffusion_weight: float = 0.1
-    repkd_weight: float = 1e-2
-    repkd_k: float | None = 2.0
+    kd_weight: float = MIXES["masked-kd"][0]
+    diffusion_weight: float = MIXES["masked-kd"][1]
+    repkd_weight: float = MIXES["masked-kd"][2]
+    repkd_k: float | None = MIXES["masked-kd"][3]
     class_dropout: float | None = None
 
     def __post_init__(self) -> None:
@@ -77,9 +78,10 @@ class RecoverySettings:
 
 
 def check_teacher(student: nn.Module, teacher: nn.Module, hidden_states: bool) -> None:
-    """A teacher must take the same inputs and predict the same thing as the student."""
-    s, t = student.config, teacher.config
-    fields = ["objective", "learn_sigma", "in_channels", "input_size", "num_classes", "has_null_class"]
+    """A teacher must take the same inputs and predict the same thing as the student (it may
+    be another architecture: a leandit DiT teaching a diffusers DiT student, say)."""
+    s, t = backbone(student).spec, backbone(teacher).spec
+    fields = ["objective", "learn_sigma", "in_channels", "input_size"]
     if hidden_states:
         fields += ["hidden_size", "patch_size"]
     for field in fields:
@@ -88,6 +90,11 @@ def check_teacher(student: nn.Module, teacher: nn.Module, hidden_states: bool) -
                 f"the teacher's {field} is {getattr(t, field)!r} but the student's is {getattr(s, field)!r}: "
                 "distil from the model the student was pruned from"
             )
+    if not s.conditioning.compatible(t.conditioning):
+        raise ValueError(
+            f"the teacher is conditioned on {t.conditioning.describe()} but the student on {s.conditioning.describe()}: "
+            "distil from the model the student was pruned from"
+        )
 
 
 class RecoveryJob(DenoisingJob):
@@ -102,8 +109,9 @@ class RecoveryJob(DenoisingJob):
         settings: RecoverySettings,
         teacher_layers: Sequence[int] | None = None,
         teacher_dtype: torch.dtype | None = None,
+        conditioning: Conditioning | None = None,
     ):
-        super().__init__(student, make_objective(student.config), settings.class_dropout)
+        super().__init__(student, make_objective(backbone(student).spec), settings.class_dropout, conditioning)
         self.settings = settings
         self.depth = depth_of(student)
         use_repkd = settings.repkd_weight > 0
@@ -111,7 +119,7 @@ class RecoveryJob(DenoisingJob):
             if teacher is None:
                 raise ValueError("KD and RepKD need a teacher model")
             check_teacher(student, teacher, use_repkd)
-            teacher.requires_grad_(False).eval()
+            backbone(teacher).prepare().requires_grad_(False).eval()
         if use_repkd:
             if teacher_layers is None or len(teacher_layers) != self.depth:
                 raise ValueError(f"RepKD needs one teacher layer per student layer ({self.depth})")
@@ -153,7 +161,7 @@ class RecoveryJob(DenoisingJob):
 
         def student_fn(x: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
             seen["x"], seen["t"] = x, model_t  # the teacher gets exactly these
-            return module(x, model_t, y)
+            return self.predict(module, x, model_t, y)
 
         use_repkd = self.teacher_layers is not None
         with _capture(self.module, range(self.depth), use_repkd) as student_hidden:
@@ -166,7 +174,8 @@ class RecoveryJob(DenoisingJob):
 
         with torch.no_grad(), _capture(self.teacher, self.teacher_layers or [], use_repkd) as teacher_hidden:
             x = seen["x"].to(self.teacher_dtype) if self.teacher_dtype else seen["x"]
-            teacher_output = self.teacher(x, seen["t"], y)
+            teacher_y = cond_to(y, x.device, self.teacher_dtype) if self.teacher_dtype else y
+            teacher_output = backbone(self.teacher).predict(x, seen["t"], teacher_y)
         kd = self.objective.distillation_losses(terms["model_output"], teacher_output, terms["xt"], t)
         loss = loss + s.kd_weight * kd["kd"].mean()
         logs.update({name: value.mean() for name, value in kd.items()})

@@ -1,0 +1,28 @@
+"""What a model is, as one dict: architecture, parameters, FLOPs, compression history (what
+`leandit info --json` prints and the demo's report reads)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..backbones import backbone
+from .flops import count_parameters, forward_flops
+
+
+def describe(model: nn.Module, batch_size: int = 1) -> dict:
+    adapter = backbone(model)
+    spec = adapter.spec
+    flops = forward_flops(model, batch_size)
+    return {
+        "source": getattr(model, "source", None) or spec.name,
+        "family": spec.family,
+        "architecture": adapter.describe(),
+        "backbone": spec.to_dict(),
+        "tokens": spec.num_tokens,
+        "parameters": count_parameters(model),
+        "fixed_position_embedding": sum(b.numel() for b in model.buffers()),
+        "batch_size": batch_size,
+        "flops_per_forward": flops,
+        "macs_per_forward": flops // 2,
+        "compression": getattr(model, "compression", None) or [],
+    }
