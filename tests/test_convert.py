@@ -24,15 +24,11 @@ import leandit
 from leandit.cli import main
 from leandit.models import CheckpointError, DiTConfig
 from leandit.models.diffusers_dit import (
-    EMBEDDER_KEYS,
-    INFO_FILE,
     diffusers_config,
     diffusers_state_dict_to_dit,
     diffusers_to_dit,
     dit_state_dict_to_diffusers,
     dit_to_diffusers,
-    load_diffusers_folder,
-    save_diffusers_folder,
 )
 
 from conftest import randomize_, run_cli, tiny_model
@@ -178,7 +174,7 @@ def test_round_trip_is_bit_exact_and_restores_the_config(in_channels, learn_sigm
     tiny = tiny_model(in_channels=in_channels, learn_sigma=learn_sigma, guided_channels=1, objective="flow")
     model = randomize_(leandit.build_model(tiny.config.replace(name="SiT-tiny")))
     converted = dit_to_diffusers(model)
-    assert converted.leandit_info["dit"]["time_freq_shift"] == 0.0
+    assert converted.leandit_info["time_freq_shift"] == 0.0 and converted.leandit_info["objective"] == "flow"
     json.dumps(converted.leandit_info)  # plain data, for leandit.json
     back = diffusers_to_dit(converted)
     assert back.config == model.config and back.config.name == "SiT-tiny"
@@ -191,9 +187,10 @@ def test_round_trip_is_bit_exact_and_restores_the_config(in_channels, learn_sigm
 def test_round_trip_through_folders(tmp_path):
     model = randomize_(tiny_model(in_channels=4, space="latent", guided_channels=3))
     model.compression = [{"method": "example", "kept_indices": [0, 1]}]
-    save_diffusers_folder(dit_to_diffusers(model), tmp_path / "d")
-    loaded = load_diffusers_folder(tmp_path / "d")
-    assert loaded.leandit_info["dit"]["guided_channels"] == 3 and loaded.compression == model.compression
+    leandit.save_model(dit_to_diffusers(model), tmp_path / "d")
+    loaded = leandit.load_model(tmp_path / "d")
+    assert isinstance(loaded, DiTTransformer2DModel)
+    assert loaded.leandit_info["guided_channels"] == 3 and loaded.compression == model.compression
     back = diffusers_to_dit(loaded)
     assert back.config == model.config and back.compression == model.compression
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
@@ -285,11 +282,11 @@ def test_convert_both_ways_as_a_user_runs_it(tmp_path):
     assert stock.state_dict().keys() == expected.keys()
     assert all(torch.equal(stock.state_dict()[k], v) for k, v in expected.items())
     assert max_diff(model, stock, model.config) <= SHIFT_TOL
-    assert json.loads((tmp_path / "d" / INFO_FILE).read_text())["info"]["dit"]["guided_channels"] == 3
+    assert json.loads((tmp_path / "d" / "leandit.json").read_text())["backbone"]["guided_channels"] == 3
 
     done = run_cli("convert", str(tmp_path / "d"), "--to", "leandit", "--out", str(tmp_path / "back"))
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "back" / "config.json").read_text())["info"]["origin_restored_from_leandit_json"]
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["info"]["time_shift_restored_from_leandit_json"]
     back = leandit.load_model(tmp_path / "back")
     original = leandit.load_model(tmp_path / "DiT-tiny.pt", num_heads=2)
     assert back.config == original.config and back.config.guided_channels == 3
@@ -304,6 +301,17 @@ def test_convert_stock_diffusers_folder_to_leandit_is_exact(tmp_path, capsys):
     model = leandit.load_model(tmp_path / "m")
     assert model.config.time_freq_shift == 1.0 and model.config.mlp_norm_eps == 1e-5
     assert max_diff(model, source, model.config) <= EXACT_TOL
+
+
+def test_keep_diffusers_shift_builds_what_diffusers_computes(tmp_path, capsys):
+    model = dit_like_(tiny_model(in_channels=4, space="latent", guided_channels=3))
+    leandit.save_model(model, tmp_path / "m")
+    assert main(["convert", str(tmp_path / "m"), "--to", "diffusers", "--out", str(tmp_path / "d")]) == 0
+    assert main(["convert", str(tmp_path / "d"), "--to", "leandit", "--out", str(tmp_path / "x"), "--keep-diffusers-shift"]) == 0
+    assert "outputs equal up to float rounding" in capsys.readouterr().out
+    exact = leandit.load_model(tmp_path / "x")
+    assert exact.config.time_freq_shift == 1.0 and exact.config.guided_channels == 3  # the other recorded facts stay
+    assert max_diff(exact, dit_to_diffusers(model), model.config) <= EXACT_TOL
 
 
 def test_convert_checkpoint_file_to_a_leandit_folder(tmp_path, capsys):
@@ -332,7 +340,7 @@ def test_convert_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
                              cross_attention_dim=16, caption_channels=8, sample_size=8, patch_size=2).save_pretrained(tmp_path / "pixart")
     err = _fails(["convert", str(tmp_path / "pixart"), "--to", "leandit", "--out", str(out)], capsys)
-    assert "PixArtTransformer2DModel folder, not a DiT" in err
+    assert "holds a PixArtTransformer2DModel, not a DiT" in err
 
     differing = random_diffusers()
     with torch.no_grad():
@@ -342,9 +350,9 @@ def test_convert_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
 
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text(json.dumps(dict(differing.config)))
-    assert "diffusers cannot read it" in _fails(["convert", str(tmp_path / "broken"), "--to", "leandit", "--out", str(out)], capsys)
+    assert "diffusion_pytorch_model.safetensors is missing" in _fails(["convert", str(tmp_path / "broken"), "--to", "leandit", "--out", str(out)], capsys)
 
-    assert "already a diffusers folder" in _fails(["convert", str(tmp_path / "differing"), "--to", "diffusers", "--out", str(out)], capsys)
+    assert "already a diffusers DiT" in _fails(["convert", str(tmp_path / "differing"), "--to", "diffusers", "--out", str(out)], capsys)
     leandit.save_model(tiny_model(), tmp_path / "leandit")
     assert "already a leandit model folder" in _fails(["convert", str(tmp_path / "leandit"), "--to", "leandit", "--out", str(out)], capsys)
     assert "fixed MLP ratio" in _fails(["convert", str(_saved(tmp_path, mlp_ratio=2.0)), "--to", "diffusers", "--out", str(out)], capsys)

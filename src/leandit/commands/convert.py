@@ -4,22 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from ..models import DiT, save_model
-from ..models.diffusers_dit import (
-    DIFFUSERS_CLASS,
-    DIFFUSERS_TIME_FREQ_SHIFT,
-    diffusers_to_dit,
-    dit_to_diffusers,
-    is_diffusers_folder,
-    load_diffusers_folder,
-    save_diffusers_folder,
-)
-from ..models.io import CONFIG_FILE, FORMAT
+from ..models.diffusers_dit import DIFFUSERS_CLASS, DIFFUSERS_TIME_FREQ_SHIFT, diffusers_to_dit, dit_to_diffusers
 from .common import add_model_options, open_model
 
 TARGETS = ("diffusers", "leandit")
@@ -34,8 +24,8 @@ def add_parser(sub) -> None:
         "from_pretrained reads it) plus leandit.json, which records what diffusers' config cannot hold (the "
         "original time-embedding shift, guided channels, objective), so converting back restores the model "
         "exactly. The weights are copied exactly; diffusers computes the timestep features with a frequency "
-        "shift of 1 where the original uses 0, so the diffusers model's outputs differ slightly from the "
-        "original's (see benchmarks/convert_dit.md). --to leandit: SRC is a diffusers DiT folder (the result "
+        "shift of 1 where the original uses 0, so the diffusers model's outputs differ from the original's, "
+        "the more the larger t (see benchmarks/convert_dit.md). --to leandit: SRC is a diffusers DiT folder (the result "
         "computes exactly what diffusers computes, or restores the original model when leandit.json says the "
         "weights came from one), or an original checkpoint file (written as a leandit model folder).",
     )
@@ -44,10 +34,10 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (once the new one is complete)")
     p.add_argument(
-        "--ignore-leandit-json",
+        "--keep-diffusers-shift",
         action="store_true",
-        help="--to leandit: ignore the origin recorded in leandit.json and build the model that computes exactly "
-        "what the diffusers model computes (time shift 1)",
+        help="--to leandit: do not restore the time shift recorded in leandit.json (0 for an original DiT); build "
+        "the model that computes exactly what the diffusers model computes (shift 1)",
     )
     add_model_options(p)
     p.set_defaults(run=run)
@@ -55,43 +45,36 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     src, out = Path(args.src), args.out
-    if not src.exists():
-        raise FileNotFoundError(f"not found: {src} (pass a DiT/SiT .pt file, a leandit model folder or a diffusers DiT folder)")
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out {out} already exists; choose a new folder or pass --overwrite")
-    if out.resolve() == src.resolve():
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the source itself; choose another folder")
-    from_diffusers = is_diffusers_folder(src) or (src / "model_index.json").exists()
+    source_model = open_model(args.src, args)  # a checkpoint file, a leandit or diffusers (pipeline) folder
+    is_dit = isinstance(source_model, DiT)
+    if not is_dit and type(source_model).__name__ != DIFFUSERS_CLASS:
+        raise ValueError(f"{src} holds a {type(source_model).__name__}, not a DiT: only DiT converts between the "
+                         f"original layout and diffusers' {DIFFUSERS_CLASS}")
     if args.to == "diffusers":
-        if from_diffusers:
-            raise ValueError(f"{src} is already a diffusers folder; use --to leandit to convert it to leandit's layout")
-        model = open_model(str(src), args)
-        converted = dit_to_diffusers(model)
-        save_diffusers_folder(converted, out)
-        source_model, target_model = model, converted
+        if not is_dit:
+            raise ValueError(f"{src} is already a diffusers DiT; use --to leandit to convert it to leandit's layout")
+        target_model = dit_to_diffusers(source_model)
+        save_model(target_model, out)
     else:
         extra = None
-        if from_diffusers:
-            source_model = load_diffusers_folder(src)
-            restore = bool(source_model.leandit_info) and not args.ignore_leandit_json
-            info = None if restore else {}
-            converted = diffusers_to_dit(source_model, objective=args.objective, space=args.space, info=info)
-            extra = {"converted_from": f"diffusers {DIFFUSERS_CLASS} folder {src}", "origin_restored_from_leandit_json": restore}
-        elif _is_leandit_folder(src):
-            raise ValueError(f"{src} is already a leandit model folder; use --to diffusers to convert it")
+        if is_dit:
+            if src.is_dir():
+                raise ValueError(f"{src} is already a leandit model folder; use --to diffusers to convert it")
+            target_model = source_model  # an original checkpoint file -> a leandit model folder
         else:
-            converted = source_model = open_model(str(src), args)  # an original checkpoint file -> a leandit folder
-        save_model(converted, out, extra=extra)
-        target_model = converted
+            recorded = dict(getattr(source_model, "leandit_info", None) or {})
+            restore = "time_freq_shift" in recorded and not args.keep_diffusers_shift
+            if not restore:
+                recorded.pop("time_freq_shift", None)
+            target_model = diffusers_to_dit(source_model, objective=args.objective, space=args.space, info=recorded)
+            extra = {"converted_from": f"diffusers {DIFFUSERS_CLASS} {src}", "time_shift_restored_from_leandit_json": restore}
+        save_model(target_model, out, extra=extra)
     report(src, out, args.to, source_model, target_model)
     return 0
-
-
-def _is_leandit_folder(path: Path) -> bool:
-    try:
-        return json.loads((path / CONFIG_FILE).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def report(src: Path, out: Path, target: str, source_model, target_model) -> None:

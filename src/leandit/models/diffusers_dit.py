@@ -32,27 +32,31 @@ diffusers model that carries it converts back to exactly the leandit model it ca
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from .config import DiTConfig
 from .dit import DiT, sincos_pos_embed_2d
-from .infer import CheckpointError, check_keys
-from .io import COMPRESSION_FILE, model_from_state_dict, read_compression, write_folder_atomically
+from .infer import check_keys
+from .io import model_from_state_dict
 
 DIFFUSERS_CLASS = "DiTTransformer2DModel"
 DIFFUSERS_TIME_FREQ_SHIFT = 1.0  # Timesteps(downscale_freq_shift=1) in CombinedTimestepLabelEmbeddings
 DIFFUSERS_CLASS_DROPOUT = 0.1  # fixed in CombinedTimestepLabelEmbeddings: the label table has the null row
-INFO_FILE = "leandit.json"
-INFO_FORMAT = "leandit-diffusers-info"
-INFO_VERSION = 1
-# The DiTConfig fields a diffusers config has no place for; `leandit_info["dit"]` records them.
-INFO_FIELDS = ("time_freq_shift", "class_dropout_prob", "guided_channels", "objective", "space", "name")
+# `model.leandit_info` key -> the DiTConfig field it records: what a diffusers config has no
+# place for. objective, space, guided_channels, name and condition_dropout are the keys
+# leandit's diffusers backbone reads (leandit.backbones.diffusers); time_freq_shift is the
+# shift the weights were trained with, present only when they came from a leandit DiT.
+INFO_FIELDS = {
+    "objective": "objective",
+    "space": "space",
+    "guided_channels": "guided_channels",
+    "name": "name",
+    "condition_dropout": "class_dropout_prob",
+    "time_freq_shift": "time_freq_shift",
+}
 
 # ------------------------------------------------------------------------------ key maps
 
@@ -146,10 +150,11 @@ def dit_config_from_diffusers(
     """The DiTConfig of a diffusers DiT config.
 
     Without `info` the result computes exactly what the diffusers model computes (time shift
-    1, its eps, a null class, all channels guided). With `info` (a `leandit_info` dict recorded
-    when the weights were converted from a leandit/original DiT) the fields the diffusers
-    config cannot hold are restored, so the result is the model the weights came from.
-    `objective`/`space`, when given, win over both.
+    1, its eps, a null class, all channels guided). `info` (`model.leandit_info`, read from
+    leandit.json) gives the facts the diffusers config cannot hold (objective, space, guided
+    channels, name, label dropout); when it also has `time_freq_shift` (written by
+    `dit_to_diffusers`), the result is exactly the leandit model the weights came from (an
+    original DiT: shift 0). `objective`/`space`, when given, win over both.
     """
     wrong = [f"{k} = {dconfig.get(k)!r} (leandit needs {v!r})" for k, v in _REQUIRED_DIFFUSERS.items() if dconfig.get(k, v) != v]
     if dconfig.get("num_embeds_ada_norm") is None:
@@ -183,12 +188,9 @@ def dit_config_from_diffusers(
         time_freq_shift=DIFFUSERS_TIME_FREQ_SHIFT,
         mlp_norm_eps=float(dconfig.get("norm_eps", 1e-5)),
     )
-    if info:
-        recorded = dict(info.get("dit", {}))
-        unknown = sorted(set(recorded) - set(INFO_FIELDS))
-        if unknown:
-            raise ValueError(f"{INFO_FILE}: unknown fields {unknown} in 'dit'; known: {list(INFO_FIELDS)}")
-        fields.update(recorded)
+    for key, field_name in INFO_FIELDS.items():  # other keys belong to other parts of leandit
+        if info and key in info:
+            fields[field_name] = info[key]
     if objective is not None:
         fields["objective"] = objective
     if space is not None:
@@ -196,16 +198,14 @@ def dit_config_from_diffusers(
     return DiTConfig(**fields)
 
 
-def leandit_info(config: DiTConfig, source: str | None = None) -> dict[str, Any]:
+def leandit_info(config: DiTConfig) -> dict[str, Any]:
     """The facts of a leandit DiT that its diffusers copy's config cannot hold: a plain,
-    JSON-serialisable dict (what leandit.json stores beside a diffusers folder)."""
-    return {
-        "converted_from": "leandit DiT (original DiT/SiT layout)",
-        "source": source,
-        # The time shift the weights were trained with (0: original DiT/SiT), whereas diffusers
-        # always computes with 1; converting back restores it.
-        "dit": {name: getattr(config, name) for name in INFO_FIELDS},
-    }
+    JSON-serialisable dict (`model.leandit_info`, which save_model writes to leandit.json)."""
+    info: dict[str, Any] = {key: getattr(config, field_name) for key, field_name in INFO_FIELDS.items()}
+    # time_freq_shift: what the weights were trained with (0: original DiT/SiT), whereas
+    # diffusers always computes with 1; converting back restores it.
+    info["converted_from"] = "leandit DiT (original DiT/SiT layout)"
+    return info
 
 
 # ------------------------------------------------------------------------------ state dicts
@@ -322,7 +322,7 @@ def dit_to_diffusers(model: DiT):
     converted.eval()
     converted.source = getattr(model, "source", None)
     converted.compression = list(getattr(model, "compression", None) or [])
-    converted.leandit_info = leandit_info(config, converted.source)
+    converted.leandit_info = leandit_info(config)
     return converted
 
 
@@ -336,10 +336,11 @@ def diffusers_to_dit(
     """A leandit DiT with exactly `model`'s weights (copies).
 
     `info` defaults to `model.leandit_info` (set by `dit_to_diffusers` or read from
-    leandit.json): with it, the result is the leandit model the weights came from (e.g. an
-    original DiT with time shift 0); pass `info={}` for the model that computes exactly what
-    the diffusers model computes. `objective` (default diffusion) and `space` (default latent
-    for 4 channels) override the recorded ones.
+    leandit.json by `load_model`): when it records the time shift the weights were trained
+    with, the result is the leandit model they came from (an original DiT: shift 0);
+    otherwise, or with `info={}`, the result computes exactly what the diffusers model
+    computes. `objective` (default diffusion) and `space` (default latent for 4 channels)
+    override the recorded ones. See `dit_config_from_diffusers`.
     """
     cls = _diffusers_class()
     if not isinstance(model, cls):
@@ -364,73 +365,3 @@ def _check_materialised(module: torch.nn.Module) -> None:
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"conversion left tensors without values: {left[:5]}")
-
-
-# ------------------------------------------------------------------------------ folders
-# Until leandit.save_model / load_model read and write diffusers folders themselves, the
-# convert command uses these two.
-
-
-def is_diffusers_folder(path: str | os.PathLike) -> bool:
-    """A folder with a diffusers config.json (any class: the loader names a wrong one)."""
-    config = Path(path) / "config.json"
-    if not Path(path).is_dir() or not config.exists():
-        return False
-    try:
-        return "_class_name" in json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
-        return False
-
-
-def save_diffusers_folder(model, folder: str | os.PathLike) -> Path:
-    """`save_pretrained` layout (stock `DiTTransformer2DModel.from_pretrained` reads it) plus
-    leandit.json with `model.leandit_info` and compression.json with `model.compression`,
-    written atomically (a temporary folder, then a rename)."""
-    meta = {"format": INFO_FORMAT, "format_version": INFO_VERSION, "info": getattr(model, "leandit_info", None) or {}}
-    records = list(getattr(model, "compression", None) or [])
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        (tmp / INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if records:
-            (tmp / COMPRESSION_FILE).write_text(json.dumps(records, indent=2) + "\n")
-
-    write_folder_atomically(Path(folder), write)
-    return Path(folder)
-
-
-def load_diffusers_folder(folder: str | os.PathLike):
-    """A `DiTTransformer2DModel` folder (config.json + weights as `save_pretrained` writes
-    them), with `leandit_info`, `source` and `compression` from leandit.json when present."""
-    folder = Path(folder)
-    if (folder / "model_index.json").exists() and (folder / "transformer").is_dir():
-        raise CheckpointError(f"{folder}: a diffusers pipeline folder; pass its transformer/ subfolder")
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{folder}: no config.json: not a diffusers model folder")
-    try:
-        class_name = json.loads(config_path.read_text()).get("_class_name")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise CheckpointError(f"{config_path}: not a readable JSON config ({err})") from None
-    if class_name != DIFFUSERS_CLASS:
-        raise CheckpointError(
-            f"{folder}: a diffusers {class_name} folder, not a DiT ({DIFFUSERS_CLASS}); only DiT converts to leandit's DiT"
-        )
-    try:
-        model = _diffusers_class().from_pretrained(str(folder), local_files_only=True)
-    except Exception as err:  # diffusers raises OSError, ValueError, RuntimeError, ... on broken folders
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise CheckpointError(f"{folder}: diffusers cannot read it ({first[:200]}); is the folder complete?") from None
-    model.source = str(folder)
-    model.compression = read_compression(folder)
-    model.leandit_info = None
-    info_path = folder / INFO_FILE
-    if info_path.exists():
-        try:
-            meta = json.loads(info_path.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{info_path}: not valid JSON ({err})") from None
-        if meta.get("format") != INFO_FORMAT or meta.get("format_version", 0) > INFO_VERSION:
-            raise CheckpointError(f"{info_path}: not a leandit.json this leandit reads (format {meta.get('format')!r})")
-        model.leandit_info = meta.get("info") or None
-    return model
