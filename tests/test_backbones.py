@@ -402,3 +402,11 @@ def test_sample_and_info_run_on_both_families(tmp_path):
     info = json.loads(done.stdout)
     assert info["family"] == "PixArt" and info["backbone"]["conditioning"] == {"kind": "text", "dim": 16}
     assert info["architecture"]["_class_name"] == "PixArtTransformer2DModel" and info["flops_per_forward"] > 0
+
+
+def test_sharded_diffusers_weights_load(tmp_path):
+    model = tiny_pixart()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    loaded = leandit.load_model(tmp_path / "sharded")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

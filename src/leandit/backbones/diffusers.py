@@ -199,6 +199,11 @@ class DiffusersBackbone(Backbone):
 
     @classmethod
     def weights_files(cls, folder: Path) -> tuple[str, str]:
+        # As `save_pretrained` writes them: one file, the index of a sharded one (large
+        # models), or the older pickle format.
+        for name in (DIFFUSERS_WEIGHTS, DIFFUSERS_WEIGHTS + ".index.json", "diffusion_pytorch_model.bin"):
+            if (folder / name).exists():
+                return (name, "ema.safetensors")
         return (DIFFUSERS_WEIGHTS, "ema.safetensors")
 
 
