@@ -38,8 +38,8 @@ HERE = Path(__file__).resolve().parent
 PRUNINGS = {"learnable 1:2": ["--method", "learnable", "--scheme", "1:2"], "ShortGPT": ["--method", "shortgpt", "--keep", "6"]}
 
 
-def cli(*args: str) -> None:
-    if leandit_main([*args, "--quiet"]) != 0:
+def cli(*args: str, quiet: bool = True) -> None:
+    if leandit_main([*args, *(["--quiet"] if quiet else [])]) != 0:
         raise RuntimeError(f"leandit {' '.join(args)} failed")
 
 
@@ -77,7 +77,7 @@ def main() -> None:
 
     converted = work / "teacher-diffusers"
     if not converted.exists():
-        cli("convert", "digits-teacher", "--to", "diffusers", "--out", str(converted))
+        cli("convert", "digits-teacher", "--to", "diffusers", "--out", str(converted), quiet=False)
     teachers = {"native (leandit DiT)": "digits-teacher", "diffusers DiT": str(converted)}
     rows: dict[str, dict] = {}
     for path, teacher in teachers.items():
