@@ -41,23 +41,9 @@ IMAGES = [
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
-    from diffusers import AutoencoderKL
+    from tiny_pipeline import tiny_vae  # the same 2-level VAE the tiny PixArt pipeline uses
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    # Random init gives a near-constant log-variance; spread it so std * noise matters.
-    with torch.no_grad():
-        vae.quant_conv.bias.copy_(torch.linspace(-1, 1, 8))
+    vae = tiny_vae(seed=0)
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(path)
     return path
