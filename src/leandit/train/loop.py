@@ -258,6 +258,44 @@ class Trainer:
         job.setup(d.device)
         module = job.module
         ema = EMA(module, c.ema_decay, c.ema_warmup) if c.ema_decay is not None else None
+        optimizer, params = self._optimizer(job)
+        start, skipped = self._resume(module, ema, optimizer, job) if resume else (0, 0)
+        self._truncate_metrics(start)
+        if start >= c.steps:
+            return TrainResult(start, skipped, ema.shadow if ema else None, self.run_dir)
+        end = c.steps if stop_after is None else min(c.steps, start + stop_after)
+        train_module = self._distributed(module, job)
+        batches, loader = self._loader(dataset, start, end, collate_fn)
+        log = _IntervalLog(self, batches, open(self.run_dir / METRICS_FILE, "a") if d.is_main else None, start)
+        interrupt = _InterruptFlag()
+        try:
+            module.train()
+            for step, batch in zip(range(start, end), loader):
+                loss, logs, grad_norm, skip, stop = self._step(job, train_module, params, optimizer, batch, step, interrupt)
+                if skip:
+                    skipped += 1
+                elif ema:
+                    ema.update(module)
+                logs = {**logs, **job.on_step_end(step, module, ema.shadow if ema else None)}
+                done = step + 1
+                log.add(None if skip else {"loss": loss, "grad_norm": grad_norm, **logs})
+                if done % c.log_every == 0 or done == end or stop:
+                    log.write(done, step, optimizer.param_groups[0]["lr"], skipped)
+                log.bar.update(1)
+                if done % c.checkpoint_every == 0 or done == end or stop:
+                    self._save(done, module, ema, optimizer, skipped, job)
+                if stop:
+                    if d.is_main:
+                        print(f"\ninterrupted: checkpoint saved at step {done}; run the same command to resume", file=sys.stderr, flush=True)
+                    raise KeyboardInterrupt
+        finally:
+            interrupt.restore()
+            log.close()
+        return TrainResult(end, skipped, ema.shadow if ema else None, self.run_dir)
+
+    def _optimizer(self, job: TrainingJob) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+        """AdamW over the job's parameter groups (a group may set its own lr)."""
+        c = self.config
         groups = job.parameter_groups()
         for group in groups:
             group.setdefault("lr", c.lr)
@@ -265,21 +303,22 @@ class Trainer:
         params = [p for g in groups for p in g["params"]]
         if not params:
             raise ValueError("the job has no trainable parameters")
-        optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(groups, lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay), params
 
-        start, skipped = self._resume(module, ema, optimizer, job) if resume else (0, 0)
-        self._truncate_metrics(start)
-        if start >= c.steps:
-            return TrainResult(start, skipped, ema.shadow if ema else None, self.run_dir)
-        end = c.steps if stop_after is None else min(c.steps, start + stop_after)
+    def _distributed(self, module: nn.Module, job: TrainingJob) -> nn.Module:
+        """The module the step calls: DDP-wrapped under torchrun."""
+        d = self.dist
+        if not d.distributed:
+            return module
+        return DistributedDataParallel(
+            module,
+            device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            find_unused_parameters=job.find_unused_parameters,
+        )
 
-        train_module: nn.Module = module
-        if d.distributed:
-            train_module = DistributedDataParallel(
-                module,
-                device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                find_unused_parameters=job.find_unused_parameters,
-            )
+    def _loader(self, dataset: Dataset, start: int, end: int, collate_fn: Callable | None) -> tuple[StepBatches, DataLoader]:
+        """This process's batches of steps start..end-1 (a pure function of seed and step)."""
+        c, d = self.config, self.dist
         batches = StepBatches(
             len(dataset), c.global_batch_size, seed=c.seed, rank=d.rank, world_size=d.world_size, start_step=start, total_steps=end
         )
@@ -291,69 +330,30 @@ class Trainer:
             collate_fn=collate_fn,
             persistent_workers=False,
         )
-        bar = tqdm(total=c.steps, initial=start, disable=not (d.is_main and self.progress), desc="train", dynamic_ncols=True)
-        sums: dict[str, float] = {}
-        count, last_time = 0, time.perf_counter()
-        metrics = open(self.run_dir / METRICS_FILE, "a") if d.is_main else None
-        interrupt = _InterruptFlag()
-        try:
-            module.train()
-            for step, batch in zip(range(start, end), loader):
-                job.on_step_start(step, c.steps)
-                lr = self._set_lr(optimizer, step)
-                batch = _to_device(batch, d.device)
-                random = StepRandom(c.seed, step, c.global_batch_size, d.rank, d.world_size, d.device)
-                with self._autocast():
-                    loss, logs = job.compute_loss(train_module, batch, random)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip else math.inf, foreach=True)
-                # Every process must take the same decisions, or DDP replicas drift apart:
-                # [any process saw a non-finite loss or gradient, any process was interrupted].
-                bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-                flags = torch.tensor([float(bad), float(interrupt.raised)], device=d.device)
-                skip, stop = (all_reduce_(flags, "max") > 0).tolist()
-                if skip:
-                    skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    optimizer.step()
-                    if ema:
-                        ema.update(module)
-                logs = {**logs, **job.on_step_end(step, module, ema.shadow if ema else None)}
-                if not skip:
-                    _accumulate(sums, {"loss": loss, "grad_norm": grad_norm, **logs})
-                count += 1
-                done = step + 1
-                if done % c.log_every == 0 or done == end or stop:
-                    record = self._reduce_logs(sums)
-                    now = time.perf_counter()
-                    record.update(
-                        step=done,
-                        epoch=batches.epoch_of(step),
-                        lr=lr,
-                        skipped_steps=skipped,
-                        steps_per_s=count / (now - last_time),
-                        images_per_s=count * c.global_batch_size / (now - last_time),
-                    )
-                    if metrics:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}", skipped=skipped)
-                    sums, count, last_time = {}, 0, now
-                bar.update(1)
-                if done % c.checkpoint_every == 0 or done == end or stop:
-                    self._save(done, module, ema, optimizer, skipped, job)
-                if stop:
-                    if d.is_main:
-                        print(f"\ninterrupted: checkpoint saved at step {done}; run the same command to resume", file=sys.stderr, flush=True)
-                    raise KeyboardInterrupt
-        finally:
-            interrupt.restore()
-            bar.close()
-            if metrics:
-                metrics.close()
-        return TrainResult(end, skipped, ema.shadow if ema else None, self.run_dir)
+        return batches, loader
+
+    def _step(self, job, train_module, params, optimizer, batch, step: int, interrupt: "_InterruptFlag"):
+        """One optimisation step: (loss, logs, grad norm, skipped, stop requested)."""
+        c, d = self.config, self.dist
+        job.on_step_start(step, c.steps)
+        self._set_lr(optimizer, step)
+        batch = _to_device(batch, d.device)
+        random = StepRandom(c.seed, step, c.global_batch_size, d.rank, d.world_size, d.device)
+        with self._autocast():
+            loss, logs = job.compute_loss(train_module, batch, random)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip else math.inf, foreach=True)
+        # Every process must take the same decisions, or DDP replicas drift apart:
+        # [any process saw a non-finite loss or gradient, any process was interrupted].
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        flags = torch.tensor([float(bad), float(interrupt.raised)], device=d.device)
+        skip, stop = (all_reduce_(flags, "max") > 0).tolist()
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+        return loss, logs, grad_norm, bool(skip), bool(stop)
 
     def _reduce_logs(self, sums: dict[str, float]) -> dict[str, float]:
         """Means over the interval's applied steps on all processes."""
@@ -364,6 +364,47 @@ class Trainer:
         totals = dict(zip(keys, all_reduce_(values, "sum").tolist()))
         n = totals.pop("_n")
         return {k: v / n for k, v in totals.items()}
+
+
+class _IntervalLog:
+    """The progress bar and metrics.jsonl: scalars averaged over each logging interval's
+    applied steps on all processes."""
+
+    def __init__(self, trainer: Trainer, batches: StepBatches, metrics, start: int):
+        self.trainer, self.batches, self.metrics = trainer, batches, metrics
+        d = trainer.dist
+        self.bar = tqdm(total=trainer.config.steps, initial=start, disable=not (d.is_main and trainer.progress),
+                        desc="train", dynamic_ncols=True)
+        self.sums: dict[str, float] = {}
+        self.count, self.last_time = 0, time.perf_counter()
+
+    def add(self, logs: dict[str, Any] | None) -> None:
+        """One step's scalars (None for a skipped step, which only counts for the rates)."""
+        if logs is not None:
+            _accumulate(self.sums, logs)
+        self.count += 1
+
+    def write(self, done: int, step: int, lr: float, skipped: int) -> None:
+        record = self.trainer._reduce_logs(self.sums)
+        now = time.perf_counter()
+        record.update(
+            step=done,
+            epoch=self.batches.epoch_of(step),
+            lr=lr,
+            skipped_steps=skipped,
+            steps_per_s=self.count / (now - self.last_time),
+            images_per_s=self.count * self.trainer.config.global_batch_size / (now - self.last_time),
+        )
+        if self.metrics:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}", skipped=skipped)
+        self.sums, self.count, self.last_time = {}, 0, now
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics:
+            self.metrics.close()
 
 
 class _InterruptFlag:
