@@ -355,9 +355,11 @@ def save_model(
     ema: nn.Module | Mapping[str, torch.Tensor] | None = None,
     compression: list[dict[str, Any]] | None = None,
     extra: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a model folder atomically; an existing folder is replaced only once the new one
-    is complete.
+    is complete, and only when it is a model folder leandit wrote (or empty): a folder that
+    holds other files, or a file of that name, is refused unless `overwrite=True`.
 
     The folder's layout follows the model: a leandit DiT writes config.json (leandit's) +
     model.safetensors; a diffusers transformer writes what `save_pretrained` writes (so stock
@@ -368,14 +370,47 @@ def save_model(
         ema: EMA weights to store beside the model's own (loaded by default).
         compression: the compression history to record; default: `model.compression`.
         extra: JSON-serialisable facts to store in the metadata under "info".
+        overwrite: replace whatever `folder` is (its files are deleted).
     """
+    folder = Path(folder)
+    if not overwrite:
+        check_replaceable(folder)
     if find_adapter(peel_wrappers(model)[0]) is None:
         raise ValueError(f"cannot save a {type(model).__name__} as a model folder: it is not a backbone leandit can adapt")
     records = compression if compression is not None else getattr(model, "compression", None) or []
     write_folder_atomically(
-        Path(folder), lambda tmp: write_model_files(tmp, model, ema=ema, compression=records, extra=extra)
+        folder, lambda tmp: write_model_files(tmp, model, ema=ema, compression=records, extra=extra)
     )
     return Path(folder)
+
+
+# The files a model folder of leandit's holds (wrapper weights are *.safetensors too).
+_MODEL_FILE_NAMES = {CONFIG_FILE, COMPRESSION_FILE, LEANDIT_META}
+_MODEL_FILE_ENDINGS = (".safetensors", ".safetensors.index.json", ".bin")
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse to replace `folder` unless it is absent, empty, or a model folder (leandit's or a
+    diffusers transformer's) holding only model files: a user's other files are never deleted."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    how = "pass another folder, or overwrite=True (--overwrite) to replace it"
+    if not folder.is_dir() or folder.is_symlink():
+        raise FileExistsError(f"{folder} exists and is not a folder; {how}")
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return
+    try:
+        model_folder, _ = identify_folder(folder)
+    except CheckpointError:
+        model_folder = None
+    if model_folder != folder:
+        shown = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(f"{folder} is not a model folder (it holds {shown}); {how}")
+    foreign = [p.name for p in entries if not p.is_file() or not (p.name in _MODEL_FILE_NAMES or p.name.endswith(_MODEL_FILE_ENDINGS))]
+    if foreign:
+        raise FileExistsError(f"{folder} holds files that are not the model's ({', '.join(foreign[:5])}); {how}")
 
 
 def write_model_files(
