@@ -167,6 +167,62 @@ def data_conditioning(model, dataset) -> Conditioning:
     return conditioning
 
 
+RUN_MARKER = "leandit-run.json"
+# What leandit's run folders hold (prune, finetune, train): a folder holding only these (and no
+# marker yet: made by an older leandit) is taken as one of leandit's run folders.
+RUN_OUTPUTS = {RUN_MARKER, "model", "checkpoints", "metrics.jsonl", "run.json", "decision.json", "decisions.png"}
+
+
+def add_overwrite_option(parser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --out that holds other files or another command's (method's) result, "
+                        "replacing leandit's outputs there (a user's other files are kept)")
+
+
+def claim_out(out: Path, kind: dict[str, Any], overwrite: bool = False, write: bool = True) -> None:
+    """Make `out` this run's folder, or refuse: a file, a folder holding a user's files, or the
+    result of another command or method (recognised by leandit's marker) is never written over
+    unless `overwrite`, which deletes only leandit's own outputs there. `kind` names the run
+    ({"command": "prune", "method": "shortgpt"}): the same kind reruns or resumes in place."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pass a folder for the run")
+    marker = out / RUN_MARKER
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    earlier = None
+    if marker.exists():
+        try:
+            earlier = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            earlier = {}
+    if not overwrite:
+        if earlier is not None and earlier != kind:
+            raise ValueError(f"--out {out} holds the result of `{_describe_kind(earlier)}`, not of `{_describe_kind(kind)}`: "
+                             "pass a new --out, or --overwrite to replace it")
+        foreign = [name for name in entries if name not in RUN_OUTPUTS and not name.startswith(".")]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ValueError(f"--out {out} holds files leandit did not write ({shown}): pass a new or empty folder, "
+                             "or --overwrite to write into it")
+    if not write:
+        return
+    if overwrite and earlier != kind:
+        import shutil
+
+        for name in RUN_OUTPUTS & set(entries):  # the earlier run's outputs only, never the user's files
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if earlier != kind:
+        write_text_atomically(marker, json.dumps(kind, indent=2) + "\n")
+
+
+def _describe_kind(kind: dict[str, Any]) -> str:
+    words = ["leandit", str(kind.get("command", "?"))]
+    if kind.get("method"):
+        words.append(f"--method {kind['method']}")
+    return " ".join(words)
+
+
 def write_run_record(out: Path, settings: dict[str, Any], model, world_size: int) -> None:
     """run.json: the settings the run started with; each later invocation (a resume) is
     appended to "invocations", so the record says what every part of the run used."""

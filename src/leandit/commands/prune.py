@@ -40,7 +40,9 @@ from ..train.distributed import barrier
 from ..train.loop import METRICS_FILE
 from .common import (
     add_model_options,
+    add_overwrite_option,
     add_run_options,
+    claim_out,
     check_data_fits,
     data_conditioning,
     log,
@@ -102,6 +104,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random masks, noise, timesteps, label drops and gate samples (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_overwrite_option(p)
     add_model_options(p)
     # The learnable-only options and their defaults, to tell which ones a baseline run was given.
     p.set_defaults(run=run, learnable_defaults={a.dest: a.default for a in learn._group_actions})
@@ -139,9 +142,13 @@ def _check_options(args) -> None:
         raise ValueError(f"--random-samples must be at least 1, got {args.random_samples}")
 
 
+def _kind(args) -> dict:
+    return {"command": "prune", "method": args.method}
+
+
 def run(args: argparse.Namespace) -> int:
-    _check_out(args.out)
     _check_options(args)
+    claim_out(args.out, _kind(args), args.overwrite, write=False)  # refused before any work
     if args.method == "learnable":
         return _run_learnable(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -214,6 +221,9 @@ def _run_learnable(args: argparse.Namespace) -> int:
             weights = f"{job.trainable_weights:,} {settings.recoverability} weights" if job.trainable_weights else "frozen weights"
             log(f"learnable {job.scheme} pruning of {args.model} ({depth_of(source)} -> {job.scheme.num_kept} blocks, "
                 f"{job.gates.num_candidates} logits, {weights}) for {args.steps} steps on {dist.world_size} x {dist.device}")
+        if dist.is_main:
+            claim_out(args.out, _kind(args), args.overwrite)
+        barrier()
         started = time.perf_counter()
         result = Trainer(config, args.out, dist=dist, progress=not args.quiet).fit(job, dataset, stop_after=args.stop_after)
         if result.steps < config.steps:
@@ -240,9 +250,10 @@ def _run_learnable(args: argparse.Namespace) -> int:
 
 
 def _finish(args, source, decision, weights=None, label="original") -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.method != "learnable":  # a learnable run claimed it before training
+        claim_out(args.out, _kind(args), args.overwrite)
     model = pruned_model(source, decision, weights, label, source_name=str(args.model))
-    folder = save_model(model, args.out / "model")
+    folder = save_model(model, args.out / "model", overwrite=args.overwrite)
     # The model's own new record, once more beside the run for a quick look.
     write_text_atomically(args.out / DECISION_FILE, json.dumps(model.compression[-1], indent=2) + "\n")
     summary = f"{args.method}: kept {len(decision.kept)} of {decision.depth} blocks {decision.kept}"
@@ -251,7 +262,3 @@ def _finish(args, source, decision, weights=None, label="original") -> None:
     log(summary)
     log(f"pruned model written to {folder}")
 
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: pass a folder")

@@ -24,7 +24,18 @@ from ..train import DenoisingJob, LoopConfig, Trainer, setup_distributed, teardo
 from ..train.distributed import barrier
 from ..train.loop import PRECISIONS
 from ..train.schedules import LR_SCHEDULES
-from .common import add_model_options, check_data_fits, data_conditioning, log, open_model, write_run_record
+from .common import (
+    add_model_options,
+    add_overwrite_option,
+    check_data_fits,
+    claim_out,
+    data_conditioning,
+    log,
+    open_model,
+    write_run_record,
+)
+
+KIND = {"command": "train"}
 
 # The loop's own settings keep the loop's defaults (LoopConfig is where they live).
 _LOOP = {f.name: f.default for f in dataclasses.fields(LoopConfig) if f.default is not dataclasses.MISSING}
@@ -79,6 +90,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--stop-after", type=int, default=None, help="end this invocation after N more steps (resumable), e.g. to time-slice a long run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite_option(p)
     add_model_options(p)
     p.set_defaults(run=run)
 
@@ -122,6 +134,7 @@ def _parse_value(text: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     s = resolve_settings(args)
+    claim_out(args.out, KIND, args.overwrite, write=False)  # refused before any work
     dist = setup_distributed(s["device"])
     try:
         if s["model"] in NAMED_CONFIGS:
@@ -143,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         spec = backbone(model).spec
         job = DenoisingJob(model, make_objective(spec), s["class_dropout"], data_conditioning(model, dataset))
         if dist.is_main:
+            claim_out(args.out, KIND, args.overwrite)
             write_run_record(args.out, s, model, dist.world_size)
             log(f"training {spec.name or s['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) "
                 f"on {s['data']} ({len(dataset)} items) for {s['steps']} steps on {dist.world_size} x {dist.device}")
@@ -151,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_main:
             minutes = (time.perf_counter() - started) / 60
             if result.steps >= config.steps:
-                final = save_model(model, args.out / "model", ema=result.ema, extra={"trained_steps": result.steps})
+                final = save_model(model, args.out / "model", ema=result.ema, extra={"trained_steps": result.steps},
+                                   overwrite=args.overwrite)
                 log(f"done: {result.steps} steps ({result.skipped_steps} skipped) in {minutes:.1f} min; model saved to {final}")
             else:
                 log(f"stopped at step {result.steps} of {config.steps} after {minutes:.1f} min; run the same command to continue")

@@ -1,0 +1,101 @@
+"""What a new user ran into (issue 19): never destroy a user's files, reruns that recover from
+mistakes, options that are checked, output a person reads. Each test made the bug visible."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+import leandit
+from leandit.cli import main
+from conftest import randomize_, tiny_model
+
+
+def error_of(argv: list[str], capsys) -> str:
+    """The one-line error of a command that must fail with status 2."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    leandit.save_model(randomize_(tiny_model(depth=4), std=0.15), folder)
+    return folder
+
+
+# -- 1. data safety -----------------------------------------------------------------------
+
+def test_save_model_keeps_a_users_files(tmp_path):
+    model = tiny_model()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    with pytest.raises(FileExistsError, match="not a model folder.*notes.txt.*overwrite=True"):
+        leandit.save_model(model, mine)
+    assert (mine / "notes.txt").read_text() == "my notes"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("data")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        leandit.save_model(model, a_file)
+    assert a_file.read_text() == "data"
+    # A model folder with a user's file in it is not replaced either.
+    folder = leandit.save_model(model, tmp_path / "model")
+    (folder / "notes.txt").write_text("about this model")
+    with pytest.raises(FileExistsError, match="not the model's.*notes.txt"):
+        leandit.save_model(model, folder)
+    # A diffusers pipeline folder holds more than the transformer: never replaced whole.
+    pipeline = tmp_path / "pipeline"
+    (pipeline / "vae").mkdir(parents=True)
+    (pipeline / "model_index.json").write_text("{}")
+    leandit.save_model(model, pipeline / "transformer")
+    with pytest.raises(FileExistsError):
+        leandit.save_model(model, pipeline)
+    assert (pipeline / "vae").is_dir()
+
+
+def test_save_model_replaces_its_own_folders_and_overwrite_replaces_anything(tmp_path):
+    folder = leandit.save_model(tiny_model(depth=2), tmp_path / "model")
+    leandit.save_model(tiny_model(depth=3), folder)  # leandit's own folder: replaced
+    assert leandit.load_model(folder).config.depth == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    leandit.save_model(tiny_model(), empty)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    leandit.save_model(tiny_model(), mine, overwrite=True)
+    assert not (mine / "notes.txt").exists() and leandit.load_model(mine).config.depth == 2
+
+
+def test_prune_out_keeps_another_methods_result_and_a_users_files(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["prune", str(model_dir), "--method", "oracle", "--keep", "2", "--out", str(out), "--quiet"]) == 0
+    kept = json.loads((out / "decision.json").read_text())["kept_indices"]
+    # the same method again replaces its own result
+    assert main(["prune", str(model_dir), "--method", "oracle", "--keep", "3", "--out", str(out), "--quiet"]) == 0
+    err = error_of(["prune", str(model_dir), "--method", "indices", "--indices", "0,1", "--out", str(out)], capsys)
+    assert "holds the result of `leandit prune --method oracle`" in err and "--overwrite" in err
+    assert len(json.loads((out / "decision.json").read_text())["kept_indices"]) == 3 != len(kept)
+    assert main(["prune", str(model_dir), "--method", "indices", "--indices", "0,1", "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert json.loads((out / "decision.json").read_text())["kept_indices"] == [0, 1]
+    # a folder of the user's: refused, and --overwrite keeps the user's own files
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    err = error_of(["prune", str(model_dir), "--method", "oracle", "--keep", "2", "--out", str(mine)], capsys)
+    assert "holds files leandit did not write (notes.txt)" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert main(["prune", str(model_dir), "--method", "oracle", "--keep", "2", "--out", str(mine), "--overwrite", "--quiet"]) == 0
+    assert (mine / "notes.txt").read_text() == "my notes" and (mine / "model").is_dir()
+    # another command into a prune folder
+    err = error_of(["train", "--model", "DiT-S/2", "--set", "input_size=8", "--set", "in_channels=1", "--set", "space=pixel",
+                    "--set", "num_classes=10", "--data", "digits", "--steps", "1", "--out", str(out)], capsys)
+    assert "holds the result of `leandit prune --method indices`, not of `leandit train`" in err
