@@ -13,6 +13,9 @@ import pytest
 import leandit
 from leandit.cli import main
 from conftest import randomize_, tiny_model
+from test_cli import tiny_train_args
+
+SAMPLE = ["--num-samples", "4", "--steps", "2", "--part-size", "2", "--grid", "4", "--device", "cpu", "--quiet"]
 
 
 def error_of(argv: list[str], capsys) -> str:
@@ -99,3 +102,40 @@ def test_prune_out_keeps_another_methods_result_and_a_users_files(model_dir, tmp
     err = error_of(["train", "--model", "DiT-S/2", "--set", "input_size=8", "--set", "in_channels=1", "--set", "space=pixel",
                     "--set", "num_classes=10", "--data", "digits", "--steps", "1", "--out", str(out)], capsys)
     assert "holds the result of `leandit prune --method indices`, not of `leandit train`" in err
+
+
+@pytest.fixture
+def umask_022(monkeypatch):
+    """Files written under the usual umask 022 (the modes are read once, at import)."""
+    from leandit import files
+
+    old = os.umask(0o022)
+    os.umask(0o022)
+    monkeypatch.setattr(files, "UMASK", files._read_umask())
+    monkeypatch.setattr(files, "FILE_MODE", 0o666 & ~files.UMASK)
+    monkeypatch.setattr(files, "FOLDER_MODE", 0o777 & ~files.UMASK)
+    yield
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_every_output_is_readable_by_colleagues_under_umask_022(umask_022, model_dir, tmp_path):
+    s = tmp_path / "s"
+    assert main(["sample", "digits-teacher", "--out", str(s), *SAMPLE]) == 0
+    outputs = [s / "samples.npz", s / "sampling.json", s / "grid.png", *sorted((s / "parts").iterdir())]
+    assert len(outputs) == 5
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text("{}")
+    os.chmod(metrics, 0o644)  # an earlier result the user shares: stays shared when overwritten
+    assert main(["eval", str(s / "samples.npz"), "--ref", "digits", "--out", str(metrics), "--device", "cpu", "--quiet"]) == 0
+    assert main(["bench", str(model_dir), "--batch-size", "1", "--warmup", "0", "--rounds", "1", "--sampling-steps", "1",
+                 "--no-memory", "--device", "cpu", "--out", str(tmp_path / "b.md"), "--json", str(tmp_path / "b.json")]) == 0
+    assert main(tiny_train_args(tmp_path / "run", 1)) == 0
+    outputs += [metrics, tmp_path / "b.md", tmp_path / "b.json", tmp_path / "run" / "run.json",
+                *sorted((tmp_path / "run" / "model").iterdir())]
+    modes = {str(p.relative_to(tmp_path)): oct(_mode(p)) for p in outputs}
+    assert set(modes.values()) == {"0o644"}, modes
+    assert _mode(s / "parts") == _mode(tmp_path / "run" / "model") == 0o755

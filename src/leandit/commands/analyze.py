@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -142,11 +143,8 @@ def run_calibration(args: argparse.Namespace) -> int:
     rows.append(("unpruned", "all blocks", full, list(range(depth))))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / TABLE, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["kind", "name", "calibration_loss", "kept_indices"])
-        for kind, name, loss, kept in rows:
-            writer.writerow([kind, name, f"{loss:.8g}", " ".join(map(str, kept))])
+    _write_csv(args.out / TABLE, ["kind", "name", "calibration_loss", "kept_indices"],
+               [[kind, name, f"{loss:.8g}", " ".join(map(str, kept))] for kind, name, loss, kept in rows])
     values = np.asarray(losses)
     unique = len({tuple(mask_to_indices(m)) for m in masks})
     title = f"{Path(str(args.model).rstrip('/')).name}: {len(values)} random {scheme} masks ({unique} distinct)"
@@ -162,6 +160,14 @@ def run_calibration(args: argparse.Namespace) -> int:
         log(f"  {name:<14} {loss:.4g}  ({summary['marks'][name]['percentile']:.1f} % of random masks have a lower loss)")
     log(f"wrote {args.out / HISTOGRAM} and {args.out / TABLE}")
     return 0
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomically(path, text.getvalue())
 
 
 def _check_sizes(args: argparse.Namespace) -> None:
@@ -194,12 +200,9 @@ def run_activations(args: argparse.Namespace) -> int:
     calibration = make_calibration_set(model, dataset, args.calibration_size, args.calibration_seed)
     layers = activation_statistics(model, calibration, ks, args.bins, args.eval_batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / ACTIVATIONS_TABLE, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["block", "min", "max", "mean", "std", "max_sigma", *[f"beyond_{k:g}_sigma" for k in ks]])
-        for layer in layers:
-            writer.writerow([layer.layer, *[f"{v:.6g}" for v in (layer.min, layer.max, layer.mean, layer.std, layer.max_sigma)],
-                             *[f"{layer.beyond[k]:.6g}" for k in ks]])
+    _write_csv(args.out / ACTIVATIONS_TABLE, ["block", "min", "max", "mean", "std", "max_sigma", *[f"beyond_{k:g}_sigma" for k in ks]],
+               [[layer.layer, *[f"{v:.6g}" for v in (layer.min, layer.max, layer.mean, layer.std, layer.max_sigma)],
+                 *[f"{layer.beyond[k]:.6g}" for k in ks]] for layer in layers])
     summary = {"model": str(args.model), "calibration_size": args.calibration_size, "k": ks, "blocks": [l.summary() for l in layers]}
     write_text_atomically(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     title = f"{Path(str(args.model).rstrip('/')).name}: block outputs over {args.calibration_size} calibration images"

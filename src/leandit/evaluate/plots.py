@@ -8,6 +8,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..files import write_atomically
+
 
 def _pyplot():
     import matplotlib
@@ -16,6 +18,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, out: str | Path) -> Path:
+    """Write the figure as a PNG atomically, with the umask's file mode, and close it."""
+    plt = _pyplot()
+    try:
+        write_atomically(out, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
+    return Path(out)
 
 
 def read_keep_probabilities(metrics_file: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -56,9 +68,7 @@ def plot_decisions(metrics_file: str | Path, out: str | Path, title: str | None 
     fig.colorbar(image, ax=ax, label="probability the block is kept", pad=0.09 if kept is not None else 0.02)
     ax.set_title(title or "Learnable depth pruning: keep probability per block")
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
 
 
 def plot_calibration_histogram(
@@ -88,9 +98,7 @@ def plot_calibration_histogram(
     ax.set_title(title or "Calibration loss of random masks")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
 
 
 def plot_activation_histograms(layers: Sequence, out: str | Path, title: str | None = None, k: float | None = 2.0) -> Path:
@@ -116,9 +124,7 @@ def plot_activation_histograms(layers: Sequence, out: str | Path, title: str | N
     band = f" (dashed: mean ± {k:g} std)" if k is not None else ""
     fig.suptitle((title or "Block output activations") + band, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
 
 
 def plot_speedup_curve(rows: Sequence[dict], out: str | Path, title: str | None = None) -> Path:
@@ -137,6 +143,4 @@ def plot_speedup_curve(rows: Sequence[dict], out: str | Path, title: str | None 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)

@@ -20,7 +20,7 @@ from torch import nn
 from ..backbones import BackboneSpec, Cond, Conditioning, backbone, cond_batch_size, cond_slice, cond_to
 from ..data.vae import LATENT_SCALE
 from ..diffusion import PerSampleNoise, make_objective, mix_seed
-from ..files import savez_atomically
+from ..files import savez_atomically, write_atomically
 from ..models.guidance import classifier_free_guidance
 
 
@@ -172,7 +172,5 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, ncols: int | None = N
         r, k = divmod(i, ncols)
         big = image.repeat(zoom, axis=0).repeat(zoom, axis=1)
         canvas[pad + r * (h2 + pad) : pad + r * (h2 + pad) + h2, pad + k * (w2 + pad) : pad + k * (w2 + pad) + w2] = big
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
-    return path
+    picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    return write_atomically(path, lambda f: picture.save(f, format="PNG"))
