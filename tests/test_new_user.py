@@ -15,7 +15,7 @@ from leandit.cli import main
 from conftest import randomize_, tiny_model
 from test_cli import tiny_train_args
 
-SAMPLE = ["--num-samples", "4", "--steps", "2", "--part-size", "2", "--grid", "4", "--device", "cpu", "--quiet"]
+SAMPLE = ["--steps", "2", "--num-samples", "4", "--part-size", "2", "--grid", "4", "--device", "cpu", "--quiet"]
 
 
 def error_of(argv: list[str], capsys) -> str:
@@ -139,3 +139,29 @@ def test_every_output_is_readable_by_colleagues_under_umask_022(umask_022, model
     modes = {str(p.relative_to(tmp_path)): oct(_mode(p)) for p in outputs}
     assert set(modes.values()) == {"0o644"}, modes
     assert _mode(s / "parts") == _mode(tmp_path / "run" / "model") == 0o755
+
+
+# -- 3. reruns ------------------------------------------------------------------------------
+
+def test_a_failed_sample_writes_nothing_and_the_corrected_command_runs(tmp_path, capsys):
+    s = tmp_path / "s"
+    for bad, message in ((["--steps", "0"], "--steps must be at least 1"),
+                         (["--steps", "2000"], "--steps must be at most 1000")):
+        assert message in error_of(["sample", "digits-teacher", "--out", str(s), *SAMPLE, *bad], capsys)
+        assert not s.exists()
+    assert main(["sample", "digits-teacher", "--out", str(s), *SAMPLE]) == 0
+    # The defaults given explicitly are the same settings: the rerun reuses every part.
+    assert main(["sample", "digits-teacher", "--out", str(s), *SAMPLE, "--sampler", "ddim", "--guided-channels", "1"]) == 0
+    err = error_of(["sample", "digits-teacher", "--out", str(s), *SAMPLE, "--num-samples", "6"], capsys)
+    assert "other settings (--num-samples was 4, now 6)" in err
+
+
+def test_the_settings_file_is_written_with_the_first_part(tmp_path):
+    from leandit.evaluate.sample_run import PartPlan, make_parts
+
+    def broken(indices):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        make_parts(PartPlan(4, 2), tmp_path, 0, 1, broken, np.zeros(4), before_write=lambda: (tmp_path / "sampling.json").write_text("{}"))
+    assert not (tmp_path / "sampling.json").exists()
