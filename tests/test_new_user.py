@@ -165,3 +165,31 @@ def test_the_settings_file_is_written_with_the_first_part(tmp_path):
     with pytest.raises(RuntimeError):
         make_parts(PartPlan(4, 2), tmp_path, 0, 1, broken, np.zeros(4), before_write=lambda: (tmp_path / "sampling.json").write_text("{}"))
     assert not (tmp_path / "sampling.json").exists()
+
+
+# -- 6. options that are checked -----------------------------------------------------------
+
+def test_options_that_do_not_fit_are_one_line_errors(model_dir, tmp_path, capsys):
+    s = str(tmp_path / "s")
+    cases = [
+        (["sample", "digits-teacher", "--out", s, *SAMPLE, "--eta", "-1"], "--eta must be 0"),
+        (["sample", "digits-teacher", "--out", s, *SAMPLE, "--eta", "0.5", "--sampler", "ddpm"], "--eta applies to --sampler ddim"),
+        (["sample", "digits-teacher", "--out", s, *SAMPLE, "--guided-channels", "5"], "--guided-channels must be between 1 and the model's 1"),
+        (["sample", "digits-teacher", "--out", s, *SAMPLE, "--vae", str(tmp_path)], "--vae applies to latent-space models"),
+        (["sample", "digits-teacher", "--out", s, *SAMPLE, "--grid", "-1"], "--grid must be 0"),
+        (["prune", str(model_dir), "--method", "learnable", "--scheme", "1:2", "--steps", "1", "--random-pick", "min-loss",
+          "--out", s], "--random-pick applies to --method random"),
+        (["prune", str(model_dir), "--method", "oracle", "--keep", "4", "--out", s], "--keep 4: the model has 4 blocks"),
+        (["demo", "--redo", "foo", "--out", s], "--redo foo: no such stage; the stages are teacher, sample-teacher, prune-learnable"),
+    ]
+    for argv, message in cases:
+        assert message in error_of(argv, capsys), argv
+    assert not (tmp_path / "s").exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert "is a file: pass a folder" in error_of(["demo", "--out", str(a_file)], capsys)
+
+
+def test_a_warm_up_longer_than_the_run_is_a_warning(tmp_path, capsys):
+    assert main(tiny_train_args(tmp_path / "run", 1, "--warmup-steps", "5")) == 0
+    assert "warning: --warmup-steps 5 is not shorter than the run (1 step)" in capsys.readouterr().err

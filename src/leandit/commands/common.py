@@ -119,6 +119,11 @@ def parse_ema_decay(value: str, auto: Callable[[], float]) -> float | None:
     return decay or None
 
 
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """"1 part", "3 parts": a count with its noun."""
+    return f"{count:,} {word if count == 1 else (words or word + 's')}"
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

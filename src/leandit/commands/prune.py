@@ -116,6 +116,8 @@ def _scheme_for(args, depth: int):
     if args.scheme:
         return parse_scheme(args.scheme, depth)
     if args.keep is not None:
+        if not 1 <= args.keep < depth:
+            raise ValueError(f"--keep {args.keep}: the model has {depth} blocks; keep between 1 and {depth - 1} of them")
         if args.method == "learnable":
             raise ValueError("learnable pruning needs a local --scheme such as 1:2 or 2:4 (not --keep)")
         return global_scheme(depth, args.keep)
@@ -136,6 +138,8 @@ def _check_options(args) -> None:
             raise ValueError(f"--{given[0].replace('_', '-')} applies to --method learnable only")
     elif args.merge_delta and args.recoverability == "frozen":
         raise ValueError("--merge-delta has nothing to merge with --recoverability frozen (the weights do not train)")
+    if args.random_pick != "first" and args.method != "random":
+        raise ValueError("--random-pick applies to --method random only")
     if args.random_samples is not None and not (args.method == "random" and args.random_pick != "first"):
         raise ValueError("--random-samples applies to --method random with --random-pick min-loss or median-loss")
     if args.random_samples is not None and args.random_samples < 1:

@@ -32,6 +32,7 @@ from .common import (
     data_conditioning,
     log,
     open_model,
+    plural,
     write_run_record,
 )
 
@@ -122,6 +123,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("model", "data", "steps"):
         if settings[key] is None:
             raise ValueError(f"--{key} is required (on the command line or in the recipe)")
+    if settings["warmup_steps"] and settings["warmup_steps"] >= settings["steps"]:
+        log(f"warning: --warmup-steps {settings['warmup_steps']} is not shorter than the run ({plural(settings['steps'], 'step')}): "
+            "the learning rate never reaches --lr")
     return settings
 
 
