@@ -193,3 +193,36 @@ def test_options_that_do_not_fit_are_one_line_errors(model_dir, tmp_path, capsys
 def test_a_warm_up_longer_than_the_run_is_a_warning(tmp_path, capsys):
     assert main(tiny_train_args(tmp_path / "run", 1, "--warmup-steps", "5")) == 0
     assert "warning: --warmup-steps 5 is not shorter than the run (1 step)" in capsys.readouterr().err
+
+
+# -- 7, 11. the command itself ------------------------------------------------------------
+
+def test_version_and_a_help_that_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom leandit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'numpy', 'diffusers', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in done.stdout and "prune" in done.stdout, done.stdout + done.stderr
+    done = subprocess.run([sys.executable, "-m", "leandit.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"leandit {leandit.__version__}"
+
+
+def test_the_quick_help_says_what_each_command_says():
+    from leandit import cli
+
+    parser = cli.build_parser()
+    choices = next(a for a in parser._actions if a.dest == "command")._choices_actions
+    assert {a.dest: a.help for a in choices} == {name: cli.SUMMARIES[name] for name in cli.COMMANDS}
+
+
+def test_a_reader_that_stops_early_is_no_error():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "leandit.cli", "info", "digits-teacher"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # `| head` that has read enough
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == "", err
