@@ -226,3 +226,38 @@ def test_a_reader_that_stops_early_is_no_error():
     proc.stdout.close()  # `| head` that has read enough
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+def test_inputs_and_outputs_are_checked_before_the_work_in_the_users_words(model_dir, tmp_path, capsys):
+    npy = tmp_path / "samples.npy"
+    np.save(npy, np.zeros((4, 8, 8, 1), np.uint8))
+    assert "SAMPLES" in (err := error_of(["eval", str(npy), "--ref", "digits"], capsys)) and "numpy.savez" in err
+    # the curve's file type is refused before any variant is timed
+    err = error_of(["bench", "DiT-XL/2", "--curve", str(tmp_path / "c.txt"), "--device", "cpu"], capsys)
+    assert "ending in .png" in err
+    text = tmp_path / "data.txt"
+    text.write_text("not data")
+    assert f"--data {text} is a file" in error_of(["prune", str(model_dir), "--method", "shortgpt", "--keep", "2",
+                                                     "--data", str(text), "--out", str(tmp_path / "p")], capsys)
+    assert not (tmp_path / "p").exists()
+
+
+def test_results_to_stdout_warnings_and_units_a_person_reads(model_dir, tmp_path, capsys):
+    assert main(["analyze", "calibration", str(model_dir), "--keep", "2", "--samples", "4", "--baselines", "oracle",
+                 "--calibration-size", "8", "--out", str(tmp_path / "a"), "--quiet", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "random masks: min" in captured.out and "oracle" in captured.out and "random masks: min" not in captured.err
+    s = tmp_path / "s"
+    assert main(["sample", "digits-teacher", "--out", str(s), *SAMPLE, "--part-size", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "4 samples (1 part," in err and " s on " in err
+    assert main(["eval", str(s / "samples.npz"), "--ref", "digits", "--device", "cpu", "--quiet"]) == 0
+    assert "warning: 4 samples: FID is biased upwards below about 1,000" in capsys.readouterr().err
+    assert main(["bench", str(model_dir), "--batch-size", "1", "--warmup", "1", "--rounds", "1", "--sampling-steps", "1",
+                 "--no-memory", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "measuring 1 model at batch 1" in captured.err and "1 warm-up step, 1 interleaved round" in captured.err
+    row = captured.out.splitlines()[2]
+    assert " k | " in row and " M | " in row and "| 0.0 |" not in row, row  # tens of thousands of parameters, MFLOPs
+    assert main(["info", str(model_dir)]) == 0
+    assert "MFLOPs per forward" in capsys.readouterr().out

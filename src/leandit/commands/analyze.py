@@ -37,7 +37,7 @@ from ..models.blocks import depth_of
 from ..files import write_text_atomically
 from ..models.io import read_compression
 from ..train.distributed import resolve_device
-from .common import add_calibration_options, add_model_options, check_data_fits, log, open_model
+from .common import add_calibration_options, add_model_options, check_data_fits, check_data_option, log, open_model
 
 BASELINES = (*SCORE_METHODS, "oracle")
 HISTOGRAM = "calibration_histogram.png"
@@ -122,6 +122,7 @@ def run_calibration(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file: pass a folder")
     _check_sizes(args)
+    check_data_option(args.data)
     dataset = open_training_data(args.data)
     check_data_fits(model, dataset, args.data)
     device = resolve_device(args.device)
@@ -155,9 +156,10 @@ def run_calibration(args: argparse.Namespace) -> int:
         "marks": {name: {"loss": loss, "percentile": float((values < loss).mean() * 100)} for name, loss in marks.items()},
     }
     write_text_atomically(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log(f"random masks: min {values.min():.4g}, median {np.median(values):.4g}, max {values.max():.4g} (unpruned {full:.4g})")
+    # The results go to stdout (`> table.txt` keeps them); progress and file names to stderr.
+    print(f"random masks: min {values.min():.4g}, median {np.median(values):.4g}, max {values.max():.4g} (unpruned {full:.4g})")
     for name, loss in sorted(marks.items(), key=lambda kv: kv[1]):
-        log(f"  {name:<14} {loss:.4g}  ({summary['marks'][name]['percentile']:.1f} % of random masks have a lower loss)")
+        print(f"  {name:<14} {loss:.4g}  ({summary['marks'][name]['percentile']:.1f} % of random masks have a lower loss)")
     log(f"wrote {args.out / HISTOGRAM} and {args.out / TABLE}")
     return 0
 
@@ -194,6 +196,7 @@ def run_activations(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out} is a file: pass a folder")
     _check_sizes(args)
     model = open_model(args.model, args)
+    check_data_option(args.data)
     dataset = open_training_data(args.data)
     check_data_fits(model, dataset, args.data)
     model.to(resolve_device(args.device))
@@ -207,9 +210,9 @@ def run_activations(args: argparse.Namespace) -> int:
     write_text_atomically(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     title = f"{Path(str(args.model).rstrip('/')).name}: block outputs over {args.calibration_size} calibration images"
     plot_activation_histograms(layers, args.out / ACTIVATIONS_PLOT, title=title, k=ks[0])
-    log(f"{'block':>5} {'min':>10} {'max':>10} {'std':>9} {'max sigma':>9}  " + "  ".join(f"> {k:g} sigma" for k in ks))
+    print(f"{'block':>5} {'min':>10} {'max':>10} {'std':>9} {'max sigma':>9}  " + "  ".join(f"> {k:g} sigma" for k in ks))
     for layer in layers:
-        log(f"{layer.layer:>5} {layer.min:>10.4g} {layer.max:>10.4g} {layer.std:>9.4g} {layer.max_sigma:>9.1f}  "
+        print(f"{layer.layer:>5} {layer.min:>10.4g} {layer.max:>10.4g} {layer.std:>9.4g} {layer.max_sigma:>9.1f}  "
             + "  ".join(f"{layer.beyond[k] * 100:>8.3f} %" for k in ks))
     log(f"wrote {args.out / ACTIVATIONS_PLOT}, {args.out / ACTIVATIONS_TABLE} and summary.json")
     return 0

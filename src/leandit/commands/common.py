@@ -124,6 +124,23 @@ def plural(count: int, word: str, words: str | None = None) -> str:
     return f"{count:,} {word if count == 1 else (words or word + 's')}"
 
 
+def si(value: float, unit: str = "", digits: int = 1) -> str:
+    """A number with the SI prefix that shows it: "118.6 G", "0.4 M" -> "415.2 k", "12"."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:,.{digits}f} {prefix}{unit}"
+    return f"{value:,.{digits}f} {unit}".rstrip() if value != int(value) else f"{int(value):,} {unit}".rstrip()
+
+
+def duration(seconds: float) -> str:
+    """"42.3 s", "3.5 min", "2.1 h": a time in the unit that shows it."""
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -160,6 +177,18 @@ def check_data_fits(model, dataset, name: str, named_size: bool = False) -> None
     if classes is not None and classes > spec.conditioning.num_classes:
         fix = f"use --set num_classes={classes}" if named_size else "pass --data with the model's classes"
         raise ValueError(f"data {name} has {classes} classes but the model has {spec.conditioning.num_classes}; {fix}")
+
+
+def check_data_option(data: str) -> None:
+    """Refuse a --data that cannot be training data, before any work, in the user's words."""
+    if data == "digits":
+        return
+    path = Path(data)
+    if path.is_file():
+        raise ValueError(f"--data {data} is a file; pass 'digits' or a folder of latent shards written by 'leandit extract-features'")
+    if not path.exists():
+        raise FileNotFoundError(f"--data {data}: no such folder; pass 'digits' or a folder of latent shards written by "
+                                "'leandit extract-features'")
 
 
 def data_conditioning(model, dataset) -> Conditioning:

@@ -20,6 +20,9 @@ from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import barrier
 from ..train.ema import ema_decay_for_steps
 from .common import (
+    duration,
+    plural,
+    check_data_option,
     add_model_options,
     add_overwrite_option,
     add_run_options,
@@ -113,6 +116,7 @@ KIND = {"command": "finetune"}
 
 def run(args: argparse.Namespace) -> int:
     claim_out(args.out, KIND, args.overwrite, write=False)  # refused before any work
+    check_data_option(args.data)
     settings = settings_from(args)
     if settings.needs_teacher and not args.teacher:
         raise ValueError(f"--mix {args.mix} distils from a teacher: pass --teacher (the model the student was pruned from), or use --mix plain")
@@ -162,15 +166,15 @@ def run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         result = trainer.fit(job, dataset, stop_after=args.stop_after)
         if dist.is_main:
-            minutes = (time.perf_counter() - started) / 60
+            seconds = time.perf_counter() - started
             if result.steps >= config.steps:
                 record.update(skipped_steps=result.skipped_steps, date=time.strftime("%Y-%m-%d %H:%M:%S"))
                 history = [*getattr(student, "compression", []), record]
                 final = save_model(student, args.out / "model", ema=result.ema, compression=history, overwrite=args.overwrite,
                                    extra={"trained_steps": result.steps})
-                log(f"done: {result.steps} steps ({result.skipped_steps} skipped) in {minutes:.1f} min; recovered model saved to {final}")
+                log(f"done: {plural(result.steps, 'step')} ({result.skipped_steps} skipped) in {duration(seconds)}; recovered model saved to {final}")
             else:
-                log(f"stopped at step {result.steps} of {config.steps} after {minutes:.1f} min; run the same command to continue")
+                log(f"stopped at step {result.steps} of {config.steps} after {duration(seconds)}; run the same command to continue")
         barrier()
     finally:
         teardown_distributed()

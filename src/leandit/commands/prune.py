@@ -39,6 +39,7 @@ from ..train.distributed import resolve_device
 from ..train.distributed import barrier
 from ..train.loop import METRICS_FILE
 from .common import (
+    check_data_option,
     add_model_options,
     add_overwrite_option,
     add_run_options,
@@ -152,6 +153,7 @@ def _kind(args) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     _check_options(args)
+    check_data_option(args.data)
     claim_out(args.out, _kind(args), args.overwrite, write=False)  # refused before any work
     if args.method == "learnable":
         return _run_learnable(args)

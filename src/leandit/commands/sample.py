@@ -18,7 +18,7 @@ from ..diffusion import make_objective
 from ..evaluate.sample_run import PartPlan, assemble, check_settings, first_images, make_parts, write_settings
 from ..evaluate.sampling import check_sampling_options, generate, make_labels, save_grid, to_uint8_images
 from ..train.distributed import barrier, setup_distributed, teardown_distributed
-from .common import add_model_options, log, open_model
+from .common import add_model_options, duration, log, open_model, plural
 
 SAMPLERS = GaussianDiffusion.samplers + LinearFlow.samplers
 
@@ -144,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
         barrier()
         if dist.is_main:
             npz = assemble(plan, args.out)
-            log(f"{args.num_samples} samples ({plan.num_parts} parts, {made} made by this process in "
-                f"{time.perf_counter() - started:.1f} s on {dist.world_size} x {dist.device}): {npz}")
+            log(f"{plural(args.num_samples, 'sample')} ({plural(plan.num_parts, 'part')}, {made} made by this process in "
+                f"{duration(time.perf_counter() - started)} on {dist.world_size} x {dist.device}): {npz}")
             if args.grid > 0:
                 images, grid_labels = first_images(plan, args.out, args.grid)
                 columns = args.grid_columns or conditions.grid_columns()

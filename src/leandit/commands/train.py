@@ -25,6 +25,8 @@ from ..train.distributed import barrier
 from ..train.loop import PRECISIONS
 from ..train.schedules import LR_SCHEDULES
 from .common import (
+    duration,
+    check_data_option,
     add_model_options,
     add_overwrite_option,
     check_data_fits,
@@ -68,7 +70,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="named size to train from scratch (e.g. DiT-S/2, SiT-XL/2) or a model folder / checkpoint to fine-tune")
     p.add_argument("--set", dest="set_fields", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field of a named size's config, e.g. --set depth=14 --set in_channels=1 (repeatable)")
-    p.add_argument("--data", help="'digits' (the embedded 8x8 digits) or a folder of latent shards from extract-features")
+    p.add_argument("--data", help="'digits' (the embedded 8x8 digits) or a folder of latent shards from extract-features "
+                   "(required: no default, on the command line or in the recipe)")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints/, metrics.jsonl, run.json and the final model/")
     p.add_argument("--steps", type=int, help="total optimisation steps (required)")
     p.add_argument("--batch-size", type=int, help=f"global batch size over all processes (default {DEFAULTS['batch_size']})")
@@ -139,6 +142,7 @@ def _parse_value(text: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     s = resolve_settings(args)
     claim_out(args.out, KIND, args.overwrite, write=False)  # refused before any work
+    check_data_option(s["data"])
     dist = setup_distributed(s["device"])
     try:
         if s["model"] in NAMED_CONFIGS:
@@ -167,13 +171,13 @@ def run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         result = Trainer(config, args.out, dist=dist, progress=not args.quiet).fit(job, dataset, stop_after=args.stop_after)
         if dist.is_main:
-            minutes = (time.perf_counter() - started) / 60
+            seconds = time.perf_counter() - started
             if result.steps >= config.steps:
                 final = save_model(model, args.out / "model", ema=result.ema, extra={"trained_steps": result.steps},
                                    overwrite=args.overwrite)
-                log(f"done: {result.steps} steps ({result.skipped_steps} skipped) in {minutes:.1f} min; model saved to {final}")
+                log(f"done: {plural(result.steps, 'step')} ({result.skipped_steps} skipped) in {duration(seconds)}; model saved to {final}")
             else:
-                log(f"stopped at step {result.steps} of {config.steps} after {minutes:.1f} min; run the same command to continue")
+                log(f"stopped at step {result.steps} of {config.steps} after {duration(seconds)}; run the same command to continue")
         barrier()
     finally:
         teardown_distributed()
