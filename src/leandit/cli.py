@@ -51,8 +51,6 @@ def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"leandit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     full = set(COMMANDS if full is None else full)
-    if full:
-        importlib.import_module(".models", __package__)  # first: the import order the package's modules expect
     for name in COMMANDS:
         if name in full or name not in SUMMARIES:
             module = importlib.import_module(f".commands.{name.replace('-', '_')}", __package__)
