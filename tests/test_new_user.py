@@ -261,3 +261,19 @@ def test_results_to_stdout_warnings_and_units_a_person_reads(model_dir, tmp_path
     assert " k | " in row and " M | " in row and "| 0.0 |" not in row, row  # tens of thousands of parameters, MFLOPs
     assert main(["info", str(model_dir)]) == 0
     assert "MFLOPs per forward" in capsys.readouterr().out
+
+
+def test_help_texts_a_newcomer_needs():
+    from leandit.cli import build_parser
+    from leandit.compress.depth import METHODS
+
+    parser = build_parser(["prune", "train", "demo"])
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    method = next(a for a in sub["prune"]._actions if a.dest == "method")
+    assert all(f"{name} = " in method.help for name in METHODS), method.help
+    data = next(a for a in sub["train"]._actions if a.dest == "data")
+    assert "no default" in data.help
+    redo = next(a for a in sub["demo"]._actions if a.dest == "redo")
+    assert "prune-shortgpt" in redo.help and "speed" in redo.help
+    first = leandit.DiT.forward_with_cfg.__doc__.splitlines()[0]
+    assert "ONCE" in first and "original DiT" in first and "doubled" in first

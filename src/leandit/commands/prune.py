@@ -53,6 +53,17 @@ from .common import (
 )
 
 DECISION_FILE = "decision.json"
+METHOD_HELP = (
+    "how to choose the blocks: "
+    "learnable = train a keep/drop gate per block together with a LoRA (or full) update and keep the blocks that recover "
+    "best (TinyFusion; needs --steps); "
+    "shortgpt = drop the blocks that turn their input least (block influence 1 - cos(input, output)); "
+    "fluxlite = drop the blocks that change their input least (mean squared change); "
+    "sensitivity = drop the blocks whose removal alone raises the calibration loss least; "
+    "oracle = keep evenly spaced blocks, the first and last included (no data); "
+    "random = a random mask of the scheme (see --random-pick); "
+    "indices = keep exactly the blocks of --indices"
+)
 DECISION_PLOT = "decisions.png"
 
 
@@ -66,7 +77,7 @@ def add_parser(sub) -> None:
         "again, and run on many GPUs with torchrun.",
     )
     p.add_argument("model", help="the model to prune: a model folder or a DiT/SiT checkpoint file")
-    p.add_argument("--method", choices=METHODS, required=True, help="how to choose the blocks")
+    p.add_argument("--method", choices=METHODS, required=True, help=METHOD_HELP)
     p.add_argument("--out", type=Path, required=True, help="output folder: model/, decision.json (+ checkpoints/, metrics.jsonl, decisions.png when learnable)")
     p.add_argument("--scheme", help="local N:M groups, e.g. 1:2, 2:4, 7:14 or mixed 1:2,2:4,1:2 (learnable needs one; baselines choose the best N of every group)")
     p.add_argument("--keep", type=int, help="baselines: keep this many blocks anywhere in the depth (one global group); instead of --scheme")
