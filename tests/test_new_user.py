@@ -277,3 +277,19 @@ def test_help_texts_a_newcomer_needs():
     assert "prune-shortgpt" in redo.help and "speed" in redo.help
     first = leandit.DiT.forward_with_cfg.__doc__.splitlines()[0]
     assert "ONCE" in first and "original DiT" in first and "doubled" in first
+
+
+def test_a_damaged_checkpoint_says_what_is_wrong_in_words(tmp_path, capsys):
+    import torch
+
+    good = tmp_path / "DiT-good.pt"
+    torch.save(tiny_model().state_dict(), good)
+    junk, empty, cut = tmp_path / "DiT-junk.pt", tmp_path / "DiT-empty.pt", tmp_path / "DiT-cut.pt"
+    junk.write_bytes(b"hello world" * 10)  # torch says "(101)"
+    empty.write_bytes(b"")
+    cut.write_bytes(good.read_bytes()[:1000])
+    assert "is not a checkpoint (it is neither torch.save's zip format nor a pickle)" in error_of(["info", str(junk)], capsys)
+    assert "(101)" not in error_of(["info", str(junk)], capsys)
+    assert "the file is empty (0 bytes)" in error_of(["info", str(empty)], capsys)
+    assert "the file is damaged or incomplete (1,000 bytes" in error_of(["info", str(cut)], capsys)
+    assert "use --weights auto" in error_of(["info", str(good), "--weights", "ema", "--num-heads", "2"], capsys)

@@ -155,7 +155,7 @@ def read_checkpoint_file(
     """The state dict in a .pt/.pth/.safetensors file, and which entry it came from."""
     if path.suffix == ".safetensors":
         if weights == "ema":
-            raise CheckpointError(f"{path}: a single safetensors state dict has no separate 'ema' entry; use weights='auto'")
+            raise CheckpointError(f"{path}: a single safetensors state dict has no separate 'ema' entry; use --weights auto (weights='auto' in Python)")
         try:
             return _strip_wrapper_prefix(load_file(str(path))), "safetensors"
         except (SafetensorError, OSError, ValueError) as err:
@@ -173,7 +173,7 @@ def read_checkpoint_file(
             raise CheckpointError(f"{path}: its {entry!r} entry is a {type(obj).__name__}, not a state dict")
     else:
         if weights == "ema":
-            raise CheckpointError(f"{path}: is a plain state dict with no separate 'ema' entry; use weights='auto'")
+            raise CheckpointError(f"{path}: is a plain state dict with no separate 'ema' entry; use --weights auto (weights='auto' in Python)")
         label = "state dict"
     odd = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if odd:
@@ -198,9 +198,23 @@ def _torch_load(path: Path, trust: bool) -> Any:
                 f"{path}: pickles Python objects other than tensors ({unsupported[0].strip()[:160]}); "
                 "if you trust the file, load it with trust_checkpoint=True (--trust-checkpoint)"
             ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)}); is the file complete?") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {_damage(path, err)}") from None
     except Exception as err:  # torch's unpickler raises many types on a file that is not a checkpoint
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)}); is the file complete?") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {_damage(path, err)}") from None
+
+
+def _damage(path: Path, err: BaseException) -> str:
+    """What is wrong with a file torch cannot read, in words (torch's own message is often a
+    bare number such as "101" or "pop from empty list")."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes); copy it again"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"PK") and head[:1] != b"\x80":
+        return "the file is not a checkpoint (it is neither torch.save's zip format nor a pickle); check the file name"
+    detail = _first_line(err).split(". ")[0]
+    return f"the file is damaged or incomplete ({size:,} bytes; torch: {detail}); is the copy or download complete?"
 
 
 def _plain(err: BaseException) -> str:
@@ -226,7 +240,7 @@ def _load_folder(folder: Path, weights: str) -> nn.Module:
     weights_name, ema_name = adapter.weights_files(model_folder)
     has_ema = (model_folder / ema_name).exists()
     if weights == "ema" and not has_ema:
-        raise CheckpointError(f"{model_folder}: has no {ema_name}; use --weights model or --weights auto")
+        raise CheckpointError(f"{model_folder}: has no {ema_name}; use --weights model or --weights auto (weights=... in Python)")
     use_ema = weights == "ema" or (weights == "auto" and has_ema)
     wrapped = bool(meta.get("wrappers"))
     # A wrapped model's EMA covers the wrappers too: build it from the model weights, then
