@@ -293,3 +293,20 @@ def test_a_damaged_checkpoint_says_what_is_wrong_in_words(tmp_path, capsys):
     assert "the file is empty (0 bytes)" in error_of(["info", str(empty)], capsys)
     assert "the file is damaged or incomplete (1,000 bytes" in error_of(["info", str(cut)], capsys)
     assert "use --weights auto" in error_of(["info", str(good), "--weights", "ema", "--num-heads", "2"], capsys)
+
+
+# -- 4. resumes with a changed setup -------------------------------------------------------
+
+def test_a_resume_with_another_setup_says_what_differs(model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(tiny_train_args(run, 4, "--stop-after", "1")) == 0
+    err = error_of(tiny_train_args(run, 4, "--set", "depth=3"), capsys)
+    assert f"cannot resume {run}: its checkpoints were made with --set" in err and "model depth=2 (now 3)" in err
+    assert "use the same options to continue it, or a new --out" in err
+    pruned = tmp_path / "pruned"
+    learn = ["prune", str(model_dir), "--method", "learnable", "--steps", "4", "--batch-size", "8", "--device", "cpu",
+             "--precision", "fp32", "--checkpoint-every", "1", "--quiet", "--out", str(pruned)]
+    assert main([*learn, "--scheme", "1:2", "--stop-after", "1"]) == 0
+    err = error_of([*learn, "--scheme", "2:4"], capsys)
+    assert "its checkpoints were made with --scheme 1:2 (now 2:4)" in err
+    assert main([*learn, "--scheme", "1:2"]) == 0  # the same options continue it

@@ -257,6 +257,40 @@ def _describe_kind(kind: dict[str, Any]) -> str:
     return " ".join(words)
 
 
+# The options behind run.json's setting names, for messages.
+SETTING_OPTIONS = {"model_overrides": "--set", "model": "--model", "teacher_layers": "the teacher alignment (--teacher-layers/--align)"}
+
+
+def check_resume(out: Path, settings: dict[str, Any], model, keys: tuple[str, ...]) -> None:
+    """Refuse to resume a run whose checkpoints were made with another setup: `keys` of the
+    settings (those that shape what is trained, e.g. --scheme) or the model's architecture
+    differ from the first invocation's in run.json. Says what differs, before any work."""
+    from ..train.checkpoint import latest_checkpoint
+
+    path = Path(out) / "run.json"
+    if latest_checkpoint(Path(out)) is None or not path.exists():
+        return
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return  # nothing to compare with; the loop's own checks still apply
+    earlier, now = record.get("settings", {}), json.loads(json.dumps(settings))
+    differences = [
+        f"{SETTING_OPTIONS.get(k, '--' + k.replace('_', '-'))} {_shown(earlier.get(k))} (now {_shown(now.get(k))})"
+        for k in keys if k in earlier and earlier.get(k) != now.get(k)
+    ]
+    saved_config, config = record.get("model_config") or {}, json.loads(json.dumps(backbone(model).describe()))
+    differences += [f"model {k}={_shown(saved_config.get(k))} (now {_shown(config.get(k))})"
+                    for k in sorted(set(saved_config) | set(config)) if k != "name" and saved_config.get(k) != config.get(k)]
+    if differences:
+        raise ValueError(f"cannot resume {out}: its checkpoints were made with {', '.join(differences)}; "
+                         "use the same options to continue it, or a new --out")
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
 def write_run_record(out: Path, settings: dict[str, Any], model, world_size: int) -> None:
     """run.json: the settings the run started with; each later invocation (a resume) is
     appended to "invocations", so the record says what every part of the run used."""

@@ -20,6 +20,7 @@ from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import barrier
 from ..train.ema import ema_decay_for_steps
 from .common import (
+    check_resume,
     duration,
     plural,
     check_data_option,
@@ -154,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
                           teacher_dtype=torch.bfloat16 if bf16 and dist.device.type == "cuda" and teacher is not None else None,
                           conditioning=data_conditioning(student, dataset))
         record = _recovery_record(args, settings, config, teacher, layers)
+        check_resume(args.out, {"command": "finetune", **record}, student, ("source", "teacher", "teacher_layers"))
         if dist.is_main:
             claim_out(args.out, KIND, args.overwrite)
             write_run_record(args.out, {"command": "finetune", **record}, student, dist.world_size)

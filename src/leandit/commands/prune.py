@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -39,6 +40,8 @@ from ..train.distributed import resolve_device
 from ..train.distributed import barrier
 from ..train.loop import METRICS_FILE
 from .common import (
+    check_resume,
+    write_run_record,
     check_data_option,
     add_model_options,
     add_overwrite_option,
@@ -230,6 +233,8 @@ def _run_learnable(args: argparse.Namespace) -> int:
         )
         dataset = open_training_data(args.data)
         check_data_fits(source, dataset, args.data)
+        record = {"command": "prune", "method": "learnable", "model": str(args.model), **dataclasses.asdict(settings)}
+        check_resume(args.out, record, source, ("scheme", "recoverability", "lora_rank"))  # what the checkpoints' shapes follow
         torch.manual_seed(args.seed)  # LoRA initialisation
         job = LearnablePruningJob(copy.deepcopy(source), settings, scheme, data_conditioning(source, dataset))
         config = loop_config(args, weight_decay=0.0,
@@ -240,6 +245,7 @@ def _run_learnable(args: argparse.Namespace) -> int:
                 f"{job.gates.num_candidates} logits, {weights}) for {args.steps} steps on {dist.world_size} x {dist.device}")
         if dist.is_main:
             claim_out(args.out, _kind(args), args.overwrite)
+            write_run_record(args.out, record, source, dist.world_size)
         barrier()
         started = time.perf_counter()
         result = Trainer(config, args.out, dist=dist, progress=not args.quiet).fit(job, dataset, stop_after=args.stop_after)

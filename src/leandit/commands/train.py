@@ -25,6 +25,7 @@ from ..train.distributed import barrier
 from ..train.loop import PRECISIONS
 from ..train.schedules import LR_SCHEDULES
 from .common import (
+    check_resume,
     duration,
     check_data_option,
     add_model_options,
@@ -163,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
                                "grad_clip": s["grad_clip"] or None})
         spec = backbone(model).spec
         job = DenoisingJob(model, make_objective(spec), s["class_dropout"], data_conditioning(model, dataset))
+        check_resume(args.out, s, model, ("model", "model_overrides"))
         if dist.is_main:
             claim_out(args.out, KIND, args.overwrite)
             write_run_record(args.out, s, model, dist.world_size)
