@@ -310,3 +310,15 @@ def test_a_resume_with_another_setup_says_what_differs(model_dir, tmp_path, caps
     err = error_of([*learn, "--scheme", "2:4"], capsys)
     assert "its checkpoints were made with --scheme 1:2 (now 2:4)" in err
     assert main([*learn, "--scheme", "1:2"]) == 0  # the same options continue it
+
+
+# -- 5. the fit of model and data ---------------------------------------------------------
+
+def test_the_whole_misfit_of_model_and_data_in_one_message(tmp_path, capsys):
+    err = error_of(["train", "--model", "DiT-S/2", "--data", "digits", "--steps", "1", "--out", str(tmp_path / "x")], capsys)
+    assert "pixel space (the model: latent)" in err and "shape (1, 8, 8)" in err and "10 classes (the model: 1000)" in err
+    assert "--set space=pixel --set in_channels=1 --set input_size=8 --set num_classes=10" in err
+    fixed = ["--set", "space=pixel", "--set", "in_channels=1", "--set", "input_size=8", "--set", "num_classes=10",
+             "--set", "depth=1", "--set", "hidden_size=32", "--set", "num_heads=2"]
+    assert main(["train", "--model", "DiT-S/2", *fixed, "--data", "digits", "--steps", "1", "--batch-size", "8",
+                 "--device", "cpu", "--quiet", "--out", str(tmp_path / "x")]) == 0

@@ -146,15 +146,11 @@ def log(message: str) -> None:
 
 
 def check_data_fits(model, dataset, name: str, named_size: bool = False) -> None:
-    """Refuse data the model cannot take, with the fix: for a named size (trained from
-    scratch) the config override that fits, for a loaded model the data that fits it."""
+    """Refuse data the model cannot take, saying everything that must change at once: for a
+    named size (trained from scratch) the --set overrides that size it from the data, for a
+    loaded model the data that fits it."""
     x, _ = dataset[0]
     spec = backbone(model).spec
-    space = "pixel" if name == "digits" else "latent"
-    fitting_data = "--data digits" if spec.space == "pixel" else "--data with a folder of latent shards from extract-features"
-    if spec.space != space:
-        fix = f"use --space {space} (or --set space=\"{space}\")" if named_size else f"pass {fitting_data}"
-        raise ValueError(f"data {name} is in {space} space but the model is set up for {spec.space} space; {fix}")
     kind = getattr(dataset, "conditioning", "class")
     if kind != spec.conditioning.kind:
         what = {"class": "class labels", "text": "captions (text embeddings)"}
@@ -163,20 +159,38 @@ def check_data_fits(model, dataset, name: str, named_size: bool = False) -> None
             + ("pass captioned data from 'leandit extract-features --pipeline'" if spec.conditioning.kind == "text"
                else "pass class-labelled data")
         )
-    if tuple(x.shape) != spec.input_shape:
-        fix = "pick a model size that fits (e.g. --set input_size=... --set in_channels=...)" if named_size else \
-            "pass --data made for this model (same resolution and VAE)"
-        raise ValueError(f"data {name} has items of shape {tuple(x.shape)} but the model takes {spec.input_shape}; {fix}")
+    space = "pixel" if name == "digits" else "latent"
+    shape = tuple(x.shape)  # (C, H, W)
+    wrong: list[tuple[str, str, str]] = []  # (what differs, the data's, the field to --set with its value)
+    if spec.space != space:
+        wrong.append((f"{space} space (the model: {spec.space})", "space", space))
+    if shape != spec.input_shape:
+        wrong.append((f"items of shape {shape} (the model takes {spec.input_shape})", "", ""))
+        if shape[0] != spec.input_shape[0]:
+            wrong.append(("", "in_channels", str(shape[0])))
+        if shape[1:] != spec.input_shape[1:]:
+            wrong.append(("", "input_size", str(shape[1])))
     if kind == "text":
-        text = dataset[0][1]["text"]
-        if text.shape[-1] != spec.conditioning.dim:
-            raise ValueError(f"data {name} has text embeddings of width {text.shape[-1]} but the model takes {spec.conditioning.dim}; "
-                             "extract the captions with the text encoder of this model's pipeline")
+        width = dataset[0][1]["text"].shape[-1]
+        if width != spec.conditioning.dim:
+            wrong.append((f"text embeddings of width {width} (the model takes {spec.conditioning.dim}; extract the captions "
+                          "with the text encoder of this model's pipeline)", "", ""))
+    else:
+        classes = getattr(dataset, "num_classes", None) or (int(dataset.tensors[1].max()) + 1 if hasattr(dataset, "tensors") else None)
+        model_classes = spec.conditioning.num_classes
+        # More classes than the data has are fine for a loaded model, a waste for a new one.
+        if classes is not None and (classes > model_classes or (named_size and classes != model_classes)):
+            wrong.append((f"{classes} classes (the model: {model_classes})", "num_classes", str(classes)))
+    if not wrong:
         return
-    classes = getattr(dataset, "num_classes", None) or (int(dataset.tensors[1].max()) + 1 if hasattr(dataset, "tensors") else None)
-    if classes is not None and classes > spec.conditioning.num_classes:
-        fix = f"use --set num_classes={classes}" if named_size else "pass --data with the model's classes"
-        raise ValueError(f"data {name} has {classes} classes but the model has {spec.conditioning.num_classes}; {fix}")
+    what = ", ".join(w for w, _, _ in wrong if w)
+    if named_size:
+        fix = "size the model from the data: add " + " ".join(f"--set {f}={v}" for _, f, v in wrong if f)
+    elif spec.space == "pixel":
+        fix = "pass --data digits (or data made for this model)"
+    else:
+        fix = "pass --data made for this model (latent shards from extract-features at its resolution and VAE)"
+    raise ValueError(f"data {name} does not fit the model: it has {what}; {fix}")
 
 
 def check_data_option(data: str) -> None:
@@ -187,8 +201,8 @@ def check_data_option(data: str) -> None:
     if path.is_file():
         raise ValueError(f"--data {data} is a file; pass 'digits' or a folder of latent shards written by 'leandit extract-features'")
     if not path.exists():
-        raise FileNotFoundError(f"--data {data}: no such folder; pass 'digits' or a folder of latent shards written by "
-                                "'leandit extract-features'")
+        raise FileNotFoundError(f"data not found: --data {data} does not exist; pass 'digits' or a folder of latent shards "
+                                "written by 'leandit extract-features'")
 
 
 def data_conditioning(model, dataset) -> Conditioning:
