@@ -316,7 +316,8 @@ def test_a_resume_with_another_setup_says_what_differs(model_dir, tmp_path, caps
 
 def test_the_whole_misfit_of_model_and_data_in_one_message(tmp_path, capsys):
     err = error_of(["train", "--model", "DiT-S/2", "--data", "digits", "--steps", "1", "--out", str(tmp_path / "x")], capsys)
-    assert "pixel space (the model: latent)" in err and "shape (1, 8, 8)" in err and "10 classes (the model: 1000)" in err
+    assert "is in pixel space but the model is set up for latent space; has items of shape (1, 8, 8)" in err
+    assert "has 10 classes but the model has 1000" in err
     assert "--set space=pixel --set in_channels=1 --set input_size=8 --set num_classes=10" in err
     fixed = ["--set", "space=pixel", "--set", "in_channels=1", "--set", "input_size=8", "--set", "num_classes=10",
              "--set", "depth=1", "--set", "hidden_size=32", "--set", "num_heads=2"]

@@ -163,9 +163,9 @@ def check_data_fits(model, dataset, name: str, named_size: bool = False) -> None
     shape = tuple(x.shape)  # (C, H, W)
     wrong: list[tuple[str, str, str]] = []  # (what differs, the data's, the field to --set with its value)
     if spec.space != space:
-        wrong.append((f"{space} space (the model: {spec.space})", "space", space))
+        wrong.append((f"is in {space} space but the model is set up for {spec.space} space", "space", space))
     if shape != spec.input_shape:
-        wrong.append((f"items of shape {shape} (the model takes {spec.input_shape})", "", ""))
+        wrong.append((f"has items of shape {shape} but the model takes {spec.input_shape}", "", ""))
         if shape[0] != spec.input_shape[0]:
             wrong.append(("", "in_channels", str(shape[0])))
         if shape[1:] != spec.input_shape[1:]:
@@ -173,24 +173,26 @@ def check_data_fits(model, dataset, name: str, named_size: bool = False) -> None
     if kind == "text":
         width = dataset[0][1]["text"].shape[-1]
         if width != spec.conditioning.dim:
-            wrong.append((f"text embeddings of width {width} (the model takes {spec.conditioning.dim}; extract the captions "
-                          "with the text encoder of this model's pipeline)", "", ""))
+            wrong.append((f"has text embeddings of width {width} but the model takes {spec.conditioning.dim} (extract the "
+                          "captions with the text encoder of this model's pipeline)", "", ""))
     else:
         classes = getattr(dataset, "num_classes", None) or (int(dataset.tensors[1].max()) + 1 if hasattr(dataset, "tensors") else None)
         model_classes = spec.conditioning.num_classes
         # More classes than the data has are fine for a loaded model, a waste for a new one.
         if classes is not None and (classes > model_classes or (named_size and classes != model_classes)):
-            wrong.append((f"{classes} classes (the model: {model_classes})", "num_classes", str(classes)))
+            wrong.append((f"has {classes} classes but the model has {model_classes}", "num_classes", str(classes)))
     if not wrong:
         return
-    what = ", ".join(w for w, _, _ in wrong if w)
+    what = "; ".join(w for w, _, _ in wrong if w)
     if named_size:
         fix = "size the model from the data: add " + " ".join(f"--set {f}={v}" for _, f, v in wrong if f)
     elif spec.space == "pixel":
         fix = "pass --data digits (or data made for this model)"
+    elif spec.space != space:
+        fix = "pass --data with a folder of latent shards from extract-features"
     else:
-        fix = "pass --data made for this model (latent shards from extract-features at its resolution and VAE)"
-    raise ValueError(f"data {name} does not fit the model: it has {what}; {fix}")
+        fix = "pass --data made for this model (same resolution and VAE)"
+    raise ValueError(f"data {name} {what}; {fix}")
 
 
 def check_data_option(data: str) -> None:
