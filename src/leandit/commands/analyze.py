@@ -209,7 +209,7 @@ def run_activations(args: argparse.Namespace) -> int:
     summary = {"model": str(args.model), "calibration_size": args.calibration_size, "k": ks, "blocks": [l.summary() for l in layers]}
     write_text_atomically(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     title = f"{Path(str(args.model).rstrip('/')).name}: block outputs over {args.calibration_size} calibration images"
-    plot_activation_histograms(layers, args.out / ACTIVATIONS_PLOT, title=title, k=ks[0])
+    plot_activation_histograms(layers, args.out / ACTIVATIONS_PLOT, title=title, k=ks)
     print(f"{'block':>5} {'min':>10} {'max':>10} {'std':>9} {'max sigma':>9}  " + "  ".join(f"> {k:g} sigma" for k in ks))
     for layer in layers:
         print(f"{layer.layer:>5} {layer.min:>10.4g} {layer.max:>10.4g} {layer.std:>9.4g} {layer.max_sigma:>9.1f}  "

@@ -98,6 +98,12 @@ def format_table(results: list[SpeedResult], batch_size: int, cfg_scale: float, 
     return "\n".join(lines)
 
 
+def short_name(spec: str) -> str:
+    """A model's name for a title: a folder's or file's own name, a named size as it is."""
+    path = Path(str(spec).rstrip("/"))
+    return path.name if path.exists() else str(spec)
+
+
 def describe_machine(device: torch.device, precision: str) -> str:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
@@ -127,7 +133,7 @@ def _run_curve(args: argparse.Namespace, device, precision: str, load_options: d
                      f"| **{row['speedup']:.2f}x** | {row['speedup'] / row['compute_ratio'] * 100:.0f} % |")
     table = "\n".join(lines)
     print(table)
-    title = f"{args.models[0]}: speed-up of depth and width pruning ({device.type}, {precision}, batch {args.batch_size})"
+    title = f"{short_name(args.models[0])}: speed-up of depth and width pruning ({device.type}, {precision}, batch {args.batch_size})"
     plot_speedup_curve(rows, args.curve, title=title)
     log(f"wrote {args.curve}")
     machine = describe_machine(device, precision)

@@ -149,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
             if args.grid > 0:
                 images, grid_labels = first_images(plan, args.out, args.grid)
                 columns = args.grid_columns or conditions.grid_columns()
-                log(f"grid of the first {len(images)}: {save_grid(args.out / 'grid.png', images, ncols=columns)}")
+                grid = save_grid(args.out / "grid.png", images, ncols=columns, column_labels=_column_labels(grid_labels, columns, conditions))
+                log(f"grid of the first {len(images)}: {grid}")
         barrier()
     finally:
         teardown_distributed()
@@ -196,6 +197,17 @@ class ImageConditions:
         if count <= 16 and (self.prompts is not None or self.mode == "balanced"):
             return count
         return None
+
+
+def _column_labels(labels: np.ndarray, columns: int | None, conditions: "ImageConditions") -> list[str] | None:
+    """What each grid column shows (its class, or prompt number), when every column shows one."""
+    if not columns or len(labels) == 0:
+        return None
+    per_column = [set(labels[k::columns].tolist()) for k in range(min(columns, len(labels)))]
+    if any(len(values) != 1 for values in per_column):
+        return None
+    word = "prompt " if conditions.prompts is not None else ""
+    return [f"{word}{values.pop()}" for values in per_column]
 
 
 def _files_stamp(spec: str) -> list | None:
