@@ -323,3 +323,60 @@ def test_the_whole_misfit_of_model_and_data_in_one_message(tmp_path, capsys):
              "--set", "depth=1", "--set", "hidden_size=32", "--set", "num_heads=2"]
     assert main(["train", "--model", "DiT-S/2", *fixed, "--data", "digits", "--steps", "1", "--batch-size", "8",
                  "--device", "cpu", "--quiet", "--out", str(tmp_path / "x")]) == 0
+
+
+# -- 9. plots a person can read -------------------------------------------------------------
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions make, kept open to look at."""
+    from leandit.evaluate import plots
+
+    made = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: made.append(fig) or out)
+    return made
+
+
+def test_plots_show_whole_numbers_every_band_and_every_method(figures, tmp_path):
+    from types import SimpleNamespace
+
+    from leandit.evaluate import plots
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "keep_prob/00": 0.5, "keep_prob/01": 0.5}) + "\n" for s in range(1, 4)))
+    plots.plot_decisions(metrics, tmp_path / "d.png", kept=[0])
+    ticks = figures[-1].axes[0].get_xticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks), ticks
+    plots.plot_calibration_histogram([0.1, 0.2, 0.2, 0.3], {"shortgpt": 0.15, "sensitivity": 0.15, "oracle": 0.3}, tmp_path / "c.png")
+    ax = figures[-1].axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert any("shortgpt" in l and "sensitivity" in l for l in labels), labels  # not one hidden behind the other
+    assert all(float(t).is_integer() for t in ax.get_yticks())
+    edges = np.linspace(-40, 40, 11)
+    layer = SimpleNamespace(layer=0, edges=edges, counts=np.ones(10), mean=0.0, std=1.0, max=40.0, min=-40.0)
+    plots.plot_activation_histograms([layer], tmp_path / "a.png", k=[2, 4])
+    ax = figures[-1].axes[0]
+    assert len(ax.lines) == 4 and ax.get_xlabel() and ax.get_ylabel()  # both bands, both axes named
+    assert "2 std" in figures[-1]._suptitle.get_text() and "4 std" in figures[-1]._suptitle.get_text()
+
+
+def test_the_curve_title_names_the_model_short(tmp_path):
+    from leandit.commands.bench import short_name
+
+    folder = tmp_path / "a" / "very" / "long" / "path" / "DiT-XL-2-256x256.pt"
+    folder.parent.mkdir(parents=True)
+    folder.write_bytes(b"")
+    assert short_name(str(folder)) == "DiT-XL-2-256x256.pt" and short_name("DiT-XL/2:depth=14") == "DiT-XL/2:depth=14"
+
+
+def test_a_sample_grid_labels_its_columns(tmp_path):
+    from PIL import Image
+
+    from leandit.evaluate.sampling import save_grid
+
+    images = np.full((4, 8, 8, 1), 255, np.uint8)  # white images: only the labels are dark
+    plain = np.asarray(Image.open(save_grid(tmp_path / "a.png", images, ncols=2)))
+    labelled = np.asarray(Image.open(save_grid(tmp_path / "b.png", images, ncols=2, column_labels=["3", "7"])))
+    assert plain.min() == 255 and labelled.shape[0] > plain.shape[0]
+    strip = labelled[: labelled.shape[0] - plain.shape[0]]
+    assert strip[:, : strip.shape[1] // 2].min() < 128 and strip[:, strip.shape[1] // 2 :].min() < 128  # a label on each column
