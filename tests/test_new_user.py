@@ -380,3 +380,18 @@ def test_a_sample_grid_labels_its_columns(tmp_path):
     assert plain.min() == 255 and labelled.shape[0] > plain.shape[0]
     strip = labelled[: labelled.shape[0] - plain.shape[0]]
     assert strip[:, : strip.shape[1] // 2].min() < 128 and strip[:, strip.shape[1] // 2 :].min() < 128  # a label on each column
+
+
+# -- 8. one way to name a model --------------------------------------------------------------
+
+def test_a_named_size_with_overrides_and_a_shipped_name_work_everywhere(tmp_path, capsys):
+    assert main(["info", "DiT-XL/2:depth=14"]) == 0
+    assert "14 blocks" in capsys.readouterr().out
+    assert main(["info", "digits-teacher"]) == 0
+    assert "12 blocks" in capsys.readouterr().out
+    assert leandit.build_model("DiT-S/2:depth=3,num_classes=10").config.depth == 3
+    assert leandit.load_model("digits-teacher").config.depth == 12
+    fitting = "DiT-S/2:input_size=8,in_channels=1,space=pixel,num_classes=10,depth=1,hidden_size=32,num_heads=2"
+    assert main(["train", "--model", fitting, "--data", "digits", "--steps", "1", "--batch-size", "8", "--device", "cpu",
+                 "--quiet", "--out", str(tmp_path / "run")]) == 0
+    assert leandit.load_model(tmp_path / "run" / "model").config.depth == 1

@@ -19,7 +19,8 @@ import torch
 from ..backbones import backbone
 from ..data import open_training_data
 from ..diffusion import make_objective
-from ..models import NAMED_CONFIGS, build_model, save_model
+from ..models import build_model, save_model
+from ..models.io import is_named_size, parse_named_size
 from ..train import DenoisingJob, LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import barrier
 from ..train.loop import PRECISIONS
@@ -146,18 +147,20 @@ def run(args: argparse.Namespace) -> int:
     check_data_option(s["data"])
     dist = setup_distributed(s["device"])
     try:
-        if s["model"] in NAMED_CONFIGS:
+        named_size = is_named_size(s["model"])  # "DiT-S/2", or with overrides "DiT-S/2:depth=6"
+        if named_size:
             # --objective/--space/--num-heads describe files; for a named size they are overrides.
             named = {"objective": args.objective, "space": args.space, "num_heads": args.num_heads}
-            overrides = {**{k: v for k, v in named.items() if v is not None}, **s["model_overrides"]}
+            base, in_name = parse_named_size(s["model"])
+            overrides = {**{k: v for k, v in named.items() if v is not None}, **in_name, **s["model_overrides"]}
             torch.manual_seed(s["seed"])  # the same command gives the same initial weights
-            model = build_model(s["model"], **overrides)
+            model = build_model(base, **overrides)
         else:
             if s["model_overrides"]:
                 raise ValueError("--set/model_overrides apply to named sizes only, not to a model loaded from a file")
             model = open_model(s["model"], args)
         dataset = open_training_data(s["data"])
-        check_data_fits(model, dataset, s["data"], named_size=s["model"] in NAMED_CONFIGS)
+        check_data_fits(model, dataset, s["data"], named_size=named_size)
         loop = {name: s[name] for name in _LOOP_FIELDS}
         config = LoopConfig(steps=s["steps"], global_batch_size=s["batch_size"],
                             **{**loop, "ema_decay": s["ema_decay"] or None, "ema_warmup": bool(s["ema_warmup"]),
