@@ -97,7 +97,8 @@ def score(model, data: CaptionedDigits, per_class: int, feature_net, reference, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("runs/pixart-digits"))
-    parser.add_argument("--train-steps", type=int, default=4000)
+    parser.add_argument("--train-steps", type=int, default=2500)
+    parser.add_argument("--train-batch", type=int, default=64)
     parser.add_argument("--prune-steps", type=int, default=500)
     parser.add_argument("--recover-steps", type=int, default=1000)
     parser.add_argument("--per-class", type=int, default=100, help="samples per class for the metrics (default 100)")
@@ -123,7 +124,7 @@ def main() -> None:
         model = pixart()
         conditioning = backbone(model).spec.conditioning.with_null(data.null_condition)
         job = DenoisingJob(model, make_objective(backbone(model).spec), 0.1, conditioning)
-        config = loop(args.train_steps, 128, 1e-3, warmup_steps=200, lr_schedule="cosine", final_lr_ratio=0.1,
+        config = loop(args.train_steps, args.train_batch, 1e-3, warmup_steps=200, lr_schedule="cosine", final_lr_ratio=0.1,
                       ema_decay=0.999, ema_warmup=True)
         result = Trainer(config, work / "teacher", device="cpu").fit(job, data)
         leandit.save_model(model, teacher_dir, ema=result.ema, extra={"trained_steps": result.steps})
@@ -172,7 +173,7 @@ def main() -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"{time.perf_counter() - started:.0f} s this invocation. Command: `OMP_NUM_THREADS=2 python benchmarks/pixart_digits.py "
-        f"--train-steps {args.train_steps} --prune-steps {args.prune_steps} --recover-steps {args.recover_steps}`.",
+        f"--train-steps {args.train_steps} --train-batch {args.train_batch} --prune-steps {args.prune_steps} --recover-steps {args.recover_steps}`.",
         "",
         f"{10 * args.per_class} samples (DDIM 50, no guidance), digits-FID against the 1797 real digits with the shipped "
         "digits feature net, class agreement by the SVC of the teacher's README.",

@@ -402,3 +402,24 @@ def test_sample_and_info_run_on_both_families(tmp_path):
     info = json.loads(done.stdout)
     assert info["family"] == "PixArt" and info["backbone"]["conditioning"] == {"kind": "text", "dim": 16}
     assert info["architecture"]["_class_name"] == "PixArtTransformer2DModel" and info["flops_per_forward"] > 0
+
+
+def test_sharded_diffusers_weights_load(tmp_path):
+    model = tiny_pixart()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    loaded = leandit.load_model(tmp_path / "sharded")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_removing_block_0_of_a_diffusers_dit_records_which_embedder_copy_the_head_reads(tmp_path):
+    from leandit.compress.depth.baselines import explicit
+
+    model = tiny_diffusers_dit()
+    same = export_pruned(model, explicit([1, 3], 4), tmp_path / "same")
+    assert "notes" not in leandit.load_model(same).compression[-1]  # equal copies: nothing changes
+    with torch.no_grad():
+        model.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.bias.add_(0.5)
+    moved = export_pruned(model, explicit([1, 3], 4), tmp_path / "moved")
+    notes = leandit.load_model(moved).compression[-1]["notes"]
+    assert len(notes) == 1 and "reads block 1's copy of norm1.emb" in notes[0] and "0.5" in notes[0]

@@ -19,7 +19,7 @@ from . import __version__
 
 COMMANDS = (
     "train", "prune", "finetune", "analyze", "sample", "eval", "bench",
-    "extract-features", "encode-prompts", "export-pipeline", "info", "demo",
+    "extract-features", "encode-prompts", "export-pipeline", "info", "convert", "demo",
 )
 
 # The one-line summary `leandit --help` shows without importing the commands; each command's

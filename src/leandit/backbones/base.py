@@ -135,6 +135,10 @@ class Backbone:
     def set_depth(self, depth: int) -> None:
         raise NotImplementedError
 
+    def pruning_notes(self, kept: list[int]) -> list[str]:
+        """What keeping only blocks `kept` changes beyond removing the others (for the record)."""
+        return []
+
     def prepare(self) -> nn.Module:
         """Make the model safe to train with leandit; returns the model."""
         return self.model

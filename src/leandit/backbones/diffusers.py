@@ -146,6 +146,22 @@ class DiffusersBackbone(Backbone):
             raise ValueError(f"{self.layout.family} has several block lists: set each list's length")
         self.model.register_to_config(**{self.layout.depth_fields[0]: depth})
 
+    def pruning_notes(self, kept: list[int]) -> list[str]:
+        # diffusers' DiT head reads block 0's embedder copy: without block 0 it reads the first
+        # kept block's, which equals it in converted checkpoints but may have drifted in
+        # training (each copy is trained only through its own block).
+        if not self.block_shared_modules or not kept or kept[0] == 0:
+            return []
+        blocks = self.blocks
+        notes = []
+        for name in self.block_shared_modules:
+            old, new = blocks[0].get_submodule(name).state_dict(), blocks[kept[0]].get_submodule(name).state_dict()
+            differ = max(float((old[k].float() - new[k].float()).abs().max()) for k in old)
+            if differ > 0:
+                notes.append(f"block 0 was removed: the output head now reads block {kept[0]}'s copy of {name}, "
+                             f"which differs from block 0's by up to {differ:.3g}")
+        return notes
+
     def prepare(self) -> nn.Module:
         # diffusers' label embedders drop labels themselves in training mode (independently in
         # every block's copy); leandit drops them once per image in the objective, identically
@@ -199,6 +215,11 @@ class DiffusersBackbone(Backbone):
 
     @classmethod
     def weights_files(cls, folder: Path) -> tuple[str, str]:
+        # As `save_pretrained` writes them: one file, the index of a sharded one (large
+        # models), or the older pickle format.
+        for name in (DIFFUSERS_WEIGHTS, DIFFUSERS_WEIGHTS + ".index.json", "diffusion_pytorch_model.bin"):
+            if (folder / name).exists():
+                return (name, "ema.safetensors")
         return (DIFFUSERS_WEIGHTS, "ema.safetensors")
 
 

@@ -46,6 +46,13 @@ class DiTConfig:
             on; None = all `in_channels`. The original DiT and SiT samplers guide 3 of the 4
             latent channels, so their checkpoint files load with 3 (a quirk kept to reproduce
             their published numbers).
+        time_freq_shift: shift of the sinusoidal timestep features: frequencies are
+            10000^(-i / (128 - shift)), i = 0..127. 0 is the original DiT/SiT; diffusers'
+            `DiTTransformer2DModel` uses 1 (its `downscale_freq_shift`), which is why its outputs
+            differ from the original's for the same weights.
+        mlp_norm_eps: epsilon of each block's pre-MLP LayerNorm: 1e-6 in the original; a
+            diffusers DiT uses its `norm_eps` (1e-5 by default). The other LayerNorms use 1e-6
+            in both.
         name: the named size this came from, for display only.
     """
 
@@ -62,6 +69,8 @@ class DiTConfig:
     objective: str = "diffusion"
     space: str = "latent"
     guided_channels: int | None = None
+    time_freq_shift: float = 0.0
+    mlp_norm_eps: float = 1e-6
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +97,10 @@ class DiTConfig:
             problems.append(f"space must be one of {SPACES}, got {self.space!r}")
         if self.guided_channels is not None and not 1 <= self.guided_channels <= self.in_channels:
             problems.append(f"guided_channels must be in 1..{self.in_channels} or None, got {self.guided_channels}")
+        if not 0.0 <= self.time_freq_shift <= 1.0:
+            problems.append(f"time_freq_shift must be in [0, 1] (0 original DiT, 1 diffusers), got {self.time_freq_shift}")
+        if not 0.0 < self.mlp_norm_eps < 1.0:
+            problems.append(f"mlp_norm_eps must be in (0, 1), got {self.mlp_norm_eps}")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 

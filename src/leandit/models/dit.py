@@ -29,16 +29,18 @@ from .config import DiTConfig
 from .guidance import classifier_free_guidance
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0
+) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps: [cos(t f_i), sin(t f_i)].
 
-    Frequencies f_i = max_period^(-i / (dim/2)), i = 0 .. dim/2 - 1 (no shift: diffusers uses
-    a shift of 1, which is why its DiT is not bit-exact with the original).
+    Frequencies f_i = max_period^(-i / (dim/2 - freq_shift)), i = 0 .. dim/2 - 1. The original
+    DiT has no shift; diffusers' DiT uses a shift of 1 (`downscale_freq_shift`), which is why
+    its outputs are not bit-exact with the original's for the same weights.
     """
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )  # (half,)
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)  # (half,)
+    freqs = torch.exp(exponent / (half - freq_shift))  # (half,); shift 0: the same bits as / half
     args = t[:, None].float() * freqs[None]  # (N, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
     if dim % 2:
@@ -81,9 +83,12 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    """Sinusoidal features of t (frequency shift `freq_shift`, see `timestep_embedding`) -> MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: float = 0.0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
             nn.SiLU(),
@@ -91,7 +96,10 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = timestep_embedding(t, self.frequency_embedding_size)  # (N, 256)
+        if self.freq_shift:  # a diffusers DiT's features
+            freq = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)  # (N, 256)
+        else:  # the original's call, unchanged (tests substitute the function with this signature)
+            freq = timestep_embedding(t, self.frequency_embedding_size)  # (N, 256)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (N, D)
 
 
@@ -167,11 +175,12 @@ class Modulation(NamedTuple):
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block: x + gate * Attn(mod(LN(x))), then x + gate * MLP(mod(LN(x)))."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        # 1e-6 in the original; a diffusers DiT's `norm_eps` (1e-5 by default) for one converted from it.
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -237,12 +246,13 @@ class DiT(nn.Module):
         self.compression: list[dict] = []
         d = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d, freq_shift=config.time_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.has_null_class)
         # Fixed sin-cos positions, saved with the weights as in the original release.
         self.register_buffer("pos_embed", torch.zeros(1, config.num_tokens, d))
         self.blocks = nn.ModuleList(
-            DiTBlock(d, config.num_heads, config.mlp_hidden) for _ in range(config.depth)
+            DiTBlock(d, config.num_heads, config.mlp_hidden, mlp_norm_eps=config.mlp_norm_eps)
+            for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
         if not _is_meta(self):

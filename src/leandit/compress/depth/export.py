@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ... import __version__
+from ...backbones import backbone
 from ...models.blocks import block_list_name, keep_blocks
 from ...models.io import save_model
 from .decision import PruningDecision
@@ -37,9 +38,11 @@ def pruned_model(
     pruned = keep_blocks(source, decision.kept)
     if weights is not None:
         pruned.load_state_dict(_kept_weights(weights, decision.kept, block_list_name(source)), strict=True)
+    notes = backbone(source).pruning_notes(list(decision.kept))
     record: dict[str, Any] = {
         "source": source_name or getattr(source, "source", None),
         **decision.record(),
+        **({"notes": notes} if notes else {}),
         "weights": weights_label,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "leandit": __version__,
