@@ -36,6 +36,7 @@ SUMMARIES = {
     "(the training data of latent models)",
     "encode-prompts": "embed prompts with a local PixArt pipeline's text encoder, for 'leandit sample --prompts'",
     "export-pipeline": "write a diffusers pipeline folder whose transformer is a compressed model (other components from the base)",
+    "convert": "convert a DiT between the original/leandit layout and diffusers' DiTTransformer2DModel",
     "info": "architecture, parameter count, FLOPs per forward and compression history of a model",
     "demo": "run the end-to-end demo on the embedded digits teacher and write report.md",
 }
