@@ -252,7 +252,9 @@ def test_results_to_stdout_warnings_and_units_a_person_reads(model_dir, tmp_path
     err = capsys.readouterr().err
     assert "4 samples (1 part," in err and " s on " in err
     assert main(["eval", str(s / "samples.npz"), "--ref", "digits", "--device", "cpu", "--quiet"]) == 0
-    assert "warning: 4 samples: FID is biased upwards below about 1,000" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "warning: 4 samples: FID is biased upwards below about 1,000" in captured.err
+    assert 0 <= json.loads(captured.out)["class_agreement"] <= 1  # as the demo reports it
     assert main(["bench", str(model_dir), "--batch-size", "1", "--warmup", "1", "--rounds", "1", "--sampling-steps", "1",
                  "--no-memory", "--device", "cpu"]) == 0
     captured = capsys.readouterr()

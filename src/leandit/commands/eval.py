@@ -9,6 +9,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
+
 from ..evaluate.digits_features import digits_as_uint8, load_digits_features
 from ..evaluate.feature_nets import InceptionFeatures, cached_features, read_images
 from ..evaluate.metrics import all_metrics
@@ -56,6 +58,20 @@ def _check_npz(path: Path, what: str) -> None:
         raise ValueError(f"{what} {path} is not an .npz archive{hint}; pass an .npz with arr_0 = N x H x W x C uint8")
 
 
+def _class_agreement(path: Path, images: np.ndarray) -> float | None:
+    """Digit samples with their labels (arr_1): the share an SVC trained on the real digits
+    puts in the class asked for (as the demo reports)."""
+    if images.shape[1:] != (8, 8, 1):
+        return None
+    with np.load(path) as data:
+        labels = data["arr_1"] if "arr_1" in data else None
+    if labels is None or len(labels) != len(images) or labels.min() < 0 or labels.max() > 9:
+        return None
+    from ..evaluate.digits import class_agreement
+
+    return class_agreement(images[..., 0].astype(np.float32) * (16 / 255), labels)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.batch_size < 1:
         raise ValueError("--k and --batch-size must be at least 1")
@@ -96,9 +112,12 @@ def run(args: argparse.Namespace) -> int:
     cache = None if args.no_cache or ref_path is None else args.cache
     reference_features = cached_features(net, net.name, ref_path, reference, cache, **options)
     metrics = {f"{prefix}{name}": value for name, value in all_metrics(sample_features, reference_features, args.k).items()}
+    agreement = _class_agreement(args.samples, samples) if args.ref == "digits" else None
     result = {
         "samples": str(args.samples), "num_samples": len(samples), "reference": args.ref, "num_reference": len(reference),
-        "feature_network": net.name, "k": args.k, **metrics, "seconds": round(time.perf_counter() - started, 2),
+        "feature_network": net.name, "k": args.k, **metrics,
+        **({"class_agreement": agreement} if agreement is not None else {}),
+        "seconds": round(time.perf_counter() - started, 2),
     }
     text = json.dumps(result, indent=2)
     print(text)
