@@ -68,4 +68,4 @@ def test_an_interrupted_run_remakes_only_the_missing_part(model_dir, tmp_path, c
     assert after[parts[0].name] == stamps[parts[0].name] and after[parts[3].name] == stamps[parts[3].name]
     assert np.array_equal(read_images(out / "samples.npz"), before)
     assert main(["sample", str(model_dir), *SAMPLE, "--seed", "1", "--out", str(out)]) == 2
-    assert "other settings (seed)" in capsys.readouterr().err
+    assert "other settings (--seed was 0, now 1)" in capsys.readouterr().err

@@ -94,6 +94,22 @@ PRUNINGS = {  # name -> the prune command's method options (12 -> 6 blocks)
 }
 
 
+def stage_names() -> list[str]:
+    """Every stage of the demo, in order: the names `--redo` takes (besides "all")."""
+    names = ["teacher", "sample-teacher"]
+    for name in PRUNINGS:
+        slug = _slug(name)
+        names += [f"prune-{slug}", f"recover-{slug}", f"sample-{slug}-pruned", f"sample-{slug}-recovered"]
+    return [*names, "speed"]
+
+
+def check_redo(redo) -> None:
+    """Refuse a --redo stage the demo does not have (it would silently rerun nothing)."""
+    unknown = sorted(set(redo) - {*stage_names(), "all"})
+    if unknown:
+        raise ValueError(f"--redo {unknown[0]}: no such stage; the stages are {', '.join(stage_names())} (or all)")
+
+
 def run_demo(
     out: Path,
     *,
@@ -104,6 +120,7 @@ def run_demo(
     settings: DemoSettings = DemoSettings(),
 ) -> Path:
     """Run (or reuse) every stage and write `out/report.md`; returns its path."""
+    check_redo(redo)
     started = time.perf_counter()
     stages = Stages(Path(out), set(redo), log)
     folder = stages.folder

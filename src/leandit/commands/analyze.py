@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from ..models.blocks import depth_of
 from ..files import write_text_atomically
 from ..models.io import read_compression
 from ..train.distributed import resolve_device
-from .common import add_calibration_options, add_model_options, check_data_fits, log, open_model
+from .common import add_calibration_options, add_model_options, check_data_fits, check_data_option, log, open_model
 
 BASELINES = (*SCORE_METHODS, "oracle")
 HISTOGRAM = "calibration_histogram.png"
@@ -121,6 +122,7 @@ def run_calibration(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file: pass a folder")
     _check_sizes(args)
+    check_data_option(args.data)
     dataset = open_training_data(args.data)
     check_data_fits(model, dataset, args.data)
     device = resolve_device(args.device)
@@ -142,11 +144,8 @@ def run_calibration(args: argparse.Namespace) -> int:
     rows.append(("unpruned", "all blocks", full, list(range(depth))))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / TABLE, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["kind", "name", "calibration_loss", "kept_indices"])
-        for kind, name, loss, kept in rows:
-            writer.writerow([kind, name, f"{loss:.8g}", " ".join(map(str, kept))])
+    _write_csv(args.out / TABLE, ["kind", "name", "calibration_loss", "kept_indices"],
+               [[kind, name, f"{loss:.8g}", " ".join(map(str, kept))] for kind, name, loss, kept in rows])
     values = np.asarray(losses)
     unique = len({tuple(mask_to_indices(m)) for m in masks})
     title = f"{Path(str(args.model).rstrip('/')).name}: {len(values)} random {scheme} masks ({unique} distinct)"
@@ -157,11 +156,20 @@ def run_calibration(args: argparse.Namespace) -> int:
         "marks": {name: {"loss": loss, "percentile": float((values < loss).mean() * 100)} for name, loss in marks.items()},
     }
     write_text_atomically(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log(f"random masks: min {values.min():.4g}, median {np.median(values):.4g}, max {values.max():.4g} (unpruned {full:.4g})")
+    # The results go to stdout (`> table.txt` keeps them); progress and file names to stderr.
+    print(f"random masks: min {values.min():.4g}, median {np.median(values):.4g}, max {values.max():.4g} (unpruned {full:.4g})")
     for name, loss in sorted(marks.items(), key=lambda kv: kv[1]):
-        log(f"  {name:<14} {loss:.4g}  ({summary['marks'][name]['percentile']:.1f} % of random masks have a lower loss)")
+        print(f"  {name:<14} {loss:.4g}  ({summary['marks'][name]['percentile']:.1f} % of random masks have a lower loss)")
     log(f"wrote {args.out / HISTOGRAM} and {args.out / TABLE}")
     return 0
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomically(path, text.getvalue())
 
 
 def _check_sizes(args: argparse.Namespace) -> None:
@@ -188,25 +196,23 @@ def run_activations(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out} is a file: pass a folder")
     _check_sizes(args)
     model = open_model(args.model, args)
+    check_data_option(args.data)
     dataset = open_training_data(args.data)
     check_data_fits(model, dataset, args.data)
     model.to(resolve_device(args.device))
     calibration = make_calibration_set(model, dataset, args.calibration_size, args.calibration_seed)
     layers = activation_statistics(model, calibration, ks, args.bins, args.eval_batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / ACTIVATIONS_TABLE, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["block", "min", "max", "mean", "std", "max_sigma", *[f"beyond_{k:g}_sigma" for k in ks]])
-        for layer in layers:
-            writer.writerow([layer.layer, *[f"{v:.6g}" for v in (layer.min, layer.max, layer.mean, layer.std, layer.max_sigma)],
-                             *[f"{layer.beyond[k]:.6g}" for k in ks]])
+    _write_csv(args.out / ACTIVATIONS_TABLE, ["block", "min", "max", "mean", "std", "max_sigma", *[f"beyond_{k:g}_sigma" for k in ks]],
+               [[layer.layer, *[f"{v:.6g}" for v in (layer.min, layer.max, layer.mean, layer.std, layer.max_sigma)],
+                 *[f"{layer.beyond[k]:.6g}" for k in ks]] for layer in layers])
     summary = {"model": str(args.model), "calibration_size": args.calibration_size, "k": ks, "blocks": [l.summary() for l in layers]}
     write_text_atomically(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     title = f"{Path(str(args.model).rstrip('/')).name}: block outputs over {args.calibration_size} calibration images"
-    plot_activation_histograms(layers, args.out / ACTIVATIONS_PLOT, title=title, k=ks[0])
-    log(f"{'block':>5} {'min':>10} {'max':>10} {'std':>9} {'max sigma':>9}  " + "  ".join(f"> {k:g} sigma" for k in ks))
+    plot_activation_histograms(layers, args.out / ACTIVATIONS_PLOT, title=title, k=ks)
+    print(f"{'block':>5} {'min':>10} {'max':>10} {'std':>9} {'max sigma':>9}  " + "  ".join(f"> {k:g} sigma" for k in ks))
     for layer in layers:
-        log(f"{layer.layer:>5} {layer.min:>10.4g} {layer.max:>10.4g} {layer.std:>9.4g} {layer.max_sigma:>9.1f}  "
+        print(f"{layer.layer:>5} {layer.min:>10.4g} {layer.max:>10.4g} {layer.std:>9.4g} {layer.max_sigma:>9.1f}  "
             + "  ".join(f"{layer.beyond[k] * 100:>8.3f} %" for k in ks))
     log(f"wrote {args.out / ACTIVATIONS_PLOT}, {args.out / ACTIVATIONS_TABLE} and summary.json")
     return 0

@@ -16,7 +16,7 @@ from ..evaluate.plots import plot_speedup_curve
 from ..files import write_text_atomically
 from ..evaluate.speed import SpeedResult, compression_variants, measure_speed, process_peak_memory_mib
 from ..train.distributed import resolve_device
-from .common import add_model_options, log
+from .common import add_model_options, log, plural, si
 
 
 def add_parser(sub) -> None:
@@ -51,6 +51,11 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.curve is not None and args.curve.suffix.lower() != ".png":
+        raise ValueError(f"--curve {args.curve}: the curve is written as a PNG; give a file name ending in .png")
+    for option, path in (("--curve", args.curve), ("--out", args.out), ("--json", args.json)):
+        if path is not None and path.is_dir():
+            raise ValueError(f"{option} {path} is a folder: give a file name")
     device = resolve_device(args.device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     load_options = {"weights": args.weights, "num_heads": args.num_heads, "objective": args.objective, "space": args.space,
@@ -58,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.curve:
         return _run_curve(args, device, precision, load_options)
     models = [(spec, open_spec(spec, **load_options)) for spec in args.models]
-    log(f"measuring {len(models)} models at batch {args.batch_size} on {device} ({precision}), "
-        f"{args.warmup} warm-up steps, {args.rounds} interleaved rounds")
+    log(f"measuring {plural(len(models), 'model')} at batch {args.batch_size} on {device} ({precision}), "
+        f"{plural(args.warmup, 'warm-up step')}, {plural(args.rounds, 'interleaved round')}")
     results = measure_speed(models, args.batch_size, cfg_scale=args.cfg_scale, sampling_steps=args.sampling_steps,
                             warmup=args.warmup, rounds=args.rounds, device=device, precision=precision)
     if device.type == "cpu" and not args.no_memory:
@@ -79,18 +84,24 @@ def run(args: argparse.Namespace) -> int:
 
 def format_table(results: list[SpeedResult], batch_size: int, cfg_scale: float, sampling_steps: int) -> str:
     lines = [
-        f"| model | blocks | parameters | GFLOPs / step | latency / step (ms) | images/s ({sampling_steps} steps) | peak memory (MiB) | speed-up |",
+        f"| model | blocks | parameters | FLOPs / step | latency / step (ms) | images/s ({sampling_steps} steps) | peak memory (MiB) | speed-up |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         memory = f"{r.peak_memory_mib:,.0f}" if r.peak_memory_mib is not None else "–"
-        lines.append(f"| {r.name} | {r.depth} | {r.parameters / 1e6:.1f} M | {r.flops_per_step / 1e9:,.1f} | "
+        lines.append(f"| {r.name} | {r.depth} | {si(r.parameters)} | {si(r.flops_per_step)} | "
                      f"{r.latency_ms:,.1f} ± {r.latency_spread_ms:,.1f} | {r.images_per_s:.3g} | {memory} | "
                      f"**{r.speedup:.2f}x** |")
     guided = "with guidance (a step = one forward of 2 x batch)" if cfg_scale != 1.0 else "without guidance"
     lines += ["", f"Batch {batch_size}, {guided}; latency = median over interleaved rounds (± half the interquartile "
               "range); speed-up = latency of the first model / latency of this one, from the same run."]
     return "\n".join(lines)
+
+
+def short_name(spec: str) -> str:
+    """A model's name for a title: a folder's or file's own name, a named size as it is."""
+    path = Path(str(spec).rstrip("/"))
+    return path.name if path.exists() else str(spec)
 
 
 def describe_machine(device: torch.device, precision: str) -> str:
@@ -109,7 +120,7 @@ def _run_curve(args: argparse.Namespace, device, precision: str, load_options: d
     except ValueError:
         raise ValueError(f"--keep takes comma-separated fractions, e.g. 0.75,0.5; got {args.keep!r}") from None
     variants = compression_variants(open_spec(args.models[0], **load_options), keep)
-    log(f"measuring {len(variants)} variants of {args.models[0]} at batch {args.batch_size} on {device} ({precision})")
+    log(f"measuring {plural(len(variants), 'variant')} of {args.models[0]} at batch {args.batch_size} on {device} ({precision})")
     results = measure_speed([(name, model) for _, name, _, model in variants], args.batch_size, cfg_scale=args.cfg_scale,
                             sampling_steps=args.sampling_steps, warmup=args.warmup, rounds=args.rounds, device=device,
                             precision=precision)
@@ -122,7 +133,7 @@ def _run_curve(args: argparse.Namespace, device, precision: str, load_options: d
                      f"| **{row['speedup']:.2f}x** | {row['speedup'] / row['compute_ratio'] * 100:.0f} % |")
     table = "\n".join(lines)
     print(table)
-    title = f"{args.models[0]}: speed-up of depth and width pruning ({device.type}, {precision}, batch {args.batch_size})"
+    title = f"{short_name(args.models[0])}: speed-up of depth and width pruning ({device.type}, {precision}, batch {args.batch_size})"
     plot_speedup_curve(rows, args.curve, title=title)
     log(f"wrote {args.curve}")
     machine = describe_machine(device, precision)

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         if not is_dit:
             raise ValueError(f"{src} is already a diffusers DiT; use --to leandit to convert it to leandit's layout")
         target_model = dit_to_diffusers(source_model)
-        save_model(target_model, out)
+        save_model(target_model, out, overwrite=args.overwrite)
     else:
         extra = None
         if is_dit:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 recorded.pop("time_freq_shift", None)
             target_model = diffusers_to_dit(source_model, objective=args.objective, space=args.space, info=recorded)
             extra = {"converted_from": f"diffusers {DIFFUSERS_CLASS} {src}", "time_shift_restored_from_leandit_json": restore}
-        save_model(target_model, out, extra=extra)
+        save_model(target_model, out, extra=extra, overwrite=args.overwrite)
     report(src, out, args.to, source_model, target_model)
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..demo import run_demo
+from ..demo import check_redo, run_demo, stage_names
 from ..train.distributed import resolve_device
 from .common import log
 
@@ -21,13 +21,17 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
     p.add_argument("--redo", action="append", default=[], metavar="STAGE",
-                   help="rerun this stage even if its result exists (repeatable; 'all' reruns everything)")
+                   help="rerun this stage even if its result exists (repeatable; 'all' reruns everything); the stages: "
+                   + ", ".join(stage_names()))
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_redo(args.redo)
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: pass a folder for the demo's results")
     report = run_demo(args.out, redo=set(args.redo), device=resolve_device(args.device), progress=not args.quiet, log=log)
     print(f"report written to {report}")
     return 0

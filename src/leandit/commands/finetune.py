@@ -20,8 +20,14 @@ from ..train import LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import barrier
 from ..train.ema import ema_decay_for_steps
 from .common import (
+    check_resume,
+    duration,
+    plural,
+    check_data_option,
     add_model_options,
+    add_overwrite_option,
     add_run_options,
+    claim_out,
     check_data_fits,
     data_conditioning,
     log,
@@ -78,6 +84,7 @@ def add_parser(sub) -> None:
     loop.add_argument("--seed", type=int, default=0, help="seed of data order, noise, timesteps and label drops (default 0)")
     loop.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     loop.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite_option(p)
     add_model_options(p)
     p.set_defaults(run=run)
 
@@ -105,9 +112,12 @@ def settings_from(args: argparse.Namespace) -> RecoverySettings:
     return settings
 
 
+KIND = {"command": "finetune"}
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file: pass a folder for the run")
+    claim_out(args.out, KIND, args.overwrite, write=False)  # refused before any work
+    check_data_option(args.data)
     settings = settings_from(args)
     if settings.needs_teacher and not args.teacher:
         raise ValueError(f"--mix {args.mix} distils from a teacher: pass --teacher (the model the student was pruned from), or use --mix plain")
@@ -145,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
                           teacher_dtype=torch.bfloat16 if bf16 and dist.device.type == "cuda" and teacher is not None else None,
                           conditioning=data_conditioning(student, dataset))
         record = _recovery_record(args, settings, config, teacher, layers)
+        check_resume(args.out, {"command": "finetune", **record}, student, ("teacher_layers",))  # paths may be spelt two ways
         if dist.is_main:
+            claim_out(args.out, KIND, args.overwrite)
             write_run_record(args.out, {"command": "finetune", **record}, student, dist.world_size)
             what = ", ".join(f"{w:g} {name}" for name, w in (("KD", settings.kd_weight), ("diffusion", settings.diffusion_weight),
                                                           ("RepKD", settings.repkd_weight)) if w)
@@ -156,15 +168,15 @@ def run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         result = trainer.fit(job, dataset, stop_after=args.stop_after)
         if dist.is_main:
-            minutes = (time.perf_counter() - started) / 60
+            seconds = time.perf_counter() - started
             if result.steps >= config.steps:
                 record.update(skipped_steps=result.skipped_steps, date=time.strftime("%Y-%m-%d %H:%M:%S"))
                 history = [*getattr(student, "compression", []), record]
-                final = save_model(student, args.out / "model", ema=result.ema, compression=history,
+                final = save_model(student, args.out / "model", ema=result.ema, compression=history, overwrite=args.overwrite,
                                    extra={"trained_steps": result.steps})
-                log(f"done: {result.steps} steps ({result.skipped_steps} skipped) in {minutes:.1f} min; recovered model saved to {final}")
+                log(f"done: {plural(result.steps, 'step')} ({result.skipped_steps} skipped) in {duration(seconds)}; recovered model saved to {final}")
             else:
-                log(f"stopped at step {result.steps} of {config.steps} after {minutes:.1f} min; run the same command to continue")
+                log(f"stopped at step {result.steps} of {config.steps} after {duration(seconds)}; run the same command to continue")
         barrier()
     finally:
         teardown_distributed()

@@ -9,7 +9,7 @@ from ..compress.recovery.alignment import layer_origins, pruning_records
 from ..models.summary import describe
 from ..backbones import backbone
 from ..models.io import is_named_size
-from .common import add_model_options, open_model
+from .common import add_model_options, open_model, si
 
 
 def add_parser(sub) -> None:
@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
           f"patch {c.patch_size}, {info['tokens']} tokens")
     print(f"input       {c.in_channels} x {c.input_size} x {c.input_size} ({c.space} space), conditioned on {c.conditioning.describe()}")
     print(f"objective   {c.objective}" + (" with learned sigma" if c.learn_sigma else ""))
-    print(f"parameters  {info['parameters']:,} ({info['parameters'] / 1e6:.2f} M) "
+    print(f"parameters  {info['parameters']:,} ({si(info['parameters'], digits=2)}) "
           f"+ {info['fixed_position_embedding']:,} fixed position-embedding values")
-    print(f"compute     {info['macs_per_forward'] / 1e9:.3f} GMACs = {info['flops_per_forward'] / 1e9:.3f} GFLOPs "
+    print(f"compute     {si(info['macs_per_forward'], 'MACs', 3)} = {si(info['flops_per_forward'], 'FLOPs', 3)} "
           f"per forward at batch {args.batch_size}")
     history = info["compression"]
     if not history:

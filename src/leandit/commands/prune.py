@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -39,8 +40,13 @@ from ..train.distributed import resolve_device
 from ..train.distributed import barrier
 from ..train.loop import METRICS_FILE
 from .common import (
+    check_resume,
+    write_run_record,
+    check_data_option,
     add_model_options,
+    add_overwrite_option,
     add_run_options,
+    claim_out,
     check_data_fits,
     data_conditioning,
     log,
@@ -50,6 +56,17 @@ from .common import (
 )
 
 DECISION_FILE = "decision.json"
+METHOD_HELP = (
+    "how to choose the blocks: "
+    "learnable = train a keep/drop gate per block together with a LoRA (or full) update and keep the blocks that recover "
+    "best (TinyFusion; needs --steps); "
+    "shortgpt = drop the blocks that turn their input least (block influence 1 - cos(input, output)); "
+    "fluxlite = drop the blocks that change their input least (mean squared change); "
+    "sensitivity = drop the blocks whose removal alone raises the calibration loss least; "
+    "oracle = keep evenly spaced blocks, the first and last included (no data); "
+    "random = a random mask of the scheme (see --random-pick); "
+    "indices = keep exactly the blocks of --indices"
+)
 DECISION_PLOT = "decisions.png"
 
 
@@ -63,7 +80,7 @@ def add_parser(sub) -> None:
         "again, and run on many GPUs with torchrun.",
     )
     p.add_argument("model", help="the model to prune: a model folder or a DiT/SiT checkpoint file")
-    p.add_argument("--method", choices=METHODS, required=True, help="how to choose the blocks")
+    p.add_argument("--method", choices=METHODS, required=True, help=METHOD_HELP)
     p.add_argument("--out", type=Path, required=True, help="output folder: model/, decision.json (+ checkpoints/, metrics.jsonl, decisions.png when learnable)")
     p.add_argument("--scheme", help="local N:M groups, e.g. 1:2, 2:4, 7:14 or mixed 1:2,2:4,1:2 (learnable needs one; baselines choose the best N of every group)")
     p.add_argument("--keep", type=int, help="baselines: keep this many blocks anywhere in the depth (one global group); instead of --scheme")
@@ -102,6 +119,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random masks, noise, timesteps, label drops and gate samples (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_overwrite_option(p)
     add_model_options(p)
     # The learnable-only options and their defaults, to tell which ones a baseline run was given.
     p.set_defaults(run=run, learnable_defaults={a.dest: a.default for a in learn._group_actions})
@@ -113,6 +131,8 @@ def _scheme_for(args, depth: int):
     if args.scheme:
         return parse_scheme(args.scheme, depth)
     if args.keep is not None:
+        if not 1 <= args.keep < depth:
+            raise ValueError(f"--keep {args.keep}: the model has {depth} blocks; keep between 1 and {depth - 1} of them")
         if args.method == "learnable":
             raise ValueError("learnable pruning needs a local --scheme such as 1:2 or 2:4 (not --keep)")
         return global_scheme(depth, args.keep)
@@ -133,15 +153,22 @@ def _check_options(args) -> None:
             raise ValueError(f"--{given[0].replace('_', '-')} applies to --method learnable only")
     elif args.merge_delta and args.recoverability == "frozen":
         raise ValueError("--merge-delta has nothing to merge with --recoverability frozen (the weights do not train)")
+    if args.random_pick != "first" and args.method != "random":
+        raise ValueError("--random-pick applies to --method random only")
     if args.random_samples is not None and not (args.method == "random" and args.random_pick != "first"):
         raise ValueError("--random-samples applies to --method random with --random-pick min-loss or median-loss")
     if args.random_samples is not None and args.random_samples < 1:
         raise ValueError(f"--random-samples must be at least 1, got {args.random_samples}")
 
 
+def _kind(args) -> dict:
+    return {"command": "prune", "method": args.method}
+
+
 def run(args: argparse.Namespace) -> int:
-    _check_out(args.out)
     _check_options(args)
+    check_data_option(args.data)
+    claim_out(args.out, _kind(args), args.overwrite, write=False)  # refused before any work
     if args.method == "learnable":
         return _run_learnable(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -206,6 +233,8 @@ def _run_learnable(args: argparse.Namespace) -> int:
         )
         dataset = open_training_data(args.data)
         check_data_fits(source, dataset, args.data)
+        record = {"command": "prune", "method": "learnable", "model": str(args.model), **dataclasses.asdict(settings)}
+        check_resume(args.out, record, source, ("scheme", "recoverability", "lora_rank"))  # what the checkpoints' shapes follow
         torch.manual_seed(args.seed)  # LoRA initialisation
         job = LearnablePruningJob(copy.deepcopy(source), settings, scheme, data_conditioning(source, dataset))
         config = loop_config(args, weight_decay=0.0,
@@ -214,6 +243,10 @@ def _run_learnable(args: argparse.Namespace) -> int:
             weights = f"{job.trainable_weights:,} {settings.recoverability} weights" if job.trainable_weights else "frozen weights"
             log(f"learnable {job.scheme} pruning of {args.model} ({depth_of(source)} -> {job.scheme.num_kept} blocks, "
                 f"{job.gates.num_candidates} logits, {weights}) for {args.steps} steps on {dist.world_size} x {dist.device}")
+        if dist.is_main:
+            claim_out(args.out, _kind(args), args.overwrite)
+            write_run_record(args.out, record, source, dist.world_size)
+        barrier()
         started = time.perf_counter()
         result = Trainer(config, args.out, dist=dist, progress=not args.quiet).fit(job, dataset, stop_after=args.stop_after)
         if result.steps < config.steps:
@@ -240,9 +273,10 @@ def _run_learnable(args: argparse.Namespace) -> int:
 
 
 def _finish(args, source, decision, weights=None, label="original") -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.method != "learnable":  # a learnable run claimed it before training
+        claim_out(args.out, _kind(args), args.overwrite)
     model = pruned_model(source, decision, weights, label, source_name=str(args.model))
-    folder = save_model(model, args.out / "model")
+    folder = save_model(model, args.out / "model", overwrite=args.overwrite)
     # The model's own new record, once more beside the run for a quick look.
     write_text_atomically(args.out / DECISION_FILE, json.dumps(model.compression[-1], indent=2) + "\n")
     summary = f"{args.method}: kept {len(decision.kept)} of {decision.depth} blocks {decision.kept}"
@@ -251,7 +285,3 @@ def _finish(args, source, decision, weights=None, label="original") -> None:
     log(summary)
     log(f"pruned model written to {folder}")
 
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: pass a folder")

@@ -14,10 +14,11 @@ from tqdm.auto import tqdm
 from ..backbones import Conditioning, backbone
 from ..diffusion import GaussianDiffusion, LinearFlow
 from ..data.vae import load_vae
-from ..evaluate.sample_run import PartPlan, assemble, check_settings, first_images, make_parts
+from ..diffusion import make_objective
+from ..evaluate.sample_run import PartPlan, assemble, check_settings, first_images, make_parts, write_settings
 from ..evaluate.sampling import check_sampling_options, generate, make_labels, save_grid, to_uint8_images
 from ..train.distributed import barrier, setup_distributed, teardown_distributed
-from .common import add_model_options, log, open_model
+from .common import add_model_options, duration, log, open_model, plural
 
 SAMPLERS = GaussianDiffusion.samplers + LinearFlow.samplers
 
@@ -61,48 +62,75 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_plain_options(args: argparse.Namespace) -> None:
+    """The options that need no model: checked before it is read."""
     for option in ("num_samples", "batch_size", "part_size"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.grid < 0:
+        raise ValueError(f"--grid must be 0 (no grid) or a number of images, got {args.grid}")
+    if args.grid_columns is not None and args.grid_columns < 1:
+        raise ValueError(f"--grid-columns must be at least 1, got {args.grid_columns}")
+    if args.eta < 0:
+        raise ValueError(f"--eta must be 0 (deterministic DDIM) or more, got {args.eta:g}")
+    if args.eta != 0 and args.sampler not in (None, "ddim"):
+        raise ValueError(f"--eta applies to --sampler ddim only, not {args.sampler}")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file: pass a folder")
+
+
+def _check_model_options(args: argparse.Namespace, spec, sampler: str, steps: int) -> None:
+    """The options that depend on the model, all before anything is written."""
+    objective = make_objective(spec)
+    if args.eta != 0 and sampler != "ddim":
+        raise ValueError(f"--eta applies to DDIM only; this {spec.objective} model samples with {sampler}")
+    limit = getattr(objective, "num_timesteps", None)
+    if limit is not None and steps > limit:
+        raise ValueError(f"--steps must be at most {limit} (the model's diffusion timesteps), got {steps}")
+    if args.guided_channels is not None and not 1 <= args.guided_channels <= spec.in_channels:
+        raise ValueError(f"--guided-channels must be between 1 and the model's {spec.in_channels} channels, got {args.guided_channels}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_plain_options(args)
     dist = setup_distributed(args.device)
     try:
         torch.manual_seed(args.seed)  # a named size's random weights: the same on every rank and every resume
         model = open_model(args.model, args, device=dist.device, allow_random=True)
         spec = backbone(model).spec
         vae = None
+        if args.vae is not None and spec.space != "latent":
+            raise ValueError(f"--vae applies to latent-space models; this model is in {spec.space} space")
         if spec.space == "latent":
             if args.vae is None and (Path(args.model) / "model_index.json").exists() and (Path(args.model) / "vae").is_dir():
                 args.vae = Path(args.model) / "vae"  # a pipeline folder brings its own VAE
             if args.vae is None:
                 raise ValueError("this model generates VAE latents: pass --vae PATH (a local diffusers AutoencoderKL folder)")
             vae = load_vae(args.vae, dist.device)
-        steps = args.steps if args.steps is not None else (250 if args.sampler == "ddpm" else 50)
         conditions = ImageConditions.for_model(spec.conditioning, args)
-        check_sampling_options(spec, args.sampler, args.cfg_scale, conditions.conditioning)  # before anything is written
+        # Everything is checked before anything is written; a default given explicitly is the
+        # same setting as the default (the settings hold resolved values).
+        sampler = check_sampling_options(spec, args.sampler, args.cfg_scale, conditions.conditioning)
+        steps = args.steps if args.steps is not None else (250 if sampler == "ddpm" else 50)
+        _check_model_options(args, spec, sampler, steps)
+        guided_channels = None if args.guided_channels == spec.channels_to_guide else args.guided_channels
         labels = conditions.labels(args.num_samples, args.seed)
         plan = PartPlan(args.num_samples, args.part_size)
         settings = {
             "model": str(args.model), "model_files": _files_stamp(args.model), "weights": args.weights, "objective": args.objective,
             "space": args.space, "num_heads": args.num_heads, "num": args.num_samples, "labels": args.labels, "seed": args.seed,
-            "sampler": args.sampler, "steps": steps, "cfg_scale": args.cfg_scale, "guided_channels": args.guided_channels,
+            "sampler": sampler, "steps": steps, "cfg_scale": args.cfg_scale, "guided_channels": guided_channels,
             "eta": args.eta, "vae": str(args.vae) if args.vae else None, "part_size": args.part_size,
         }
         if args.prompts is not None:
             settings.update(prompts=str(args.prompts), prompts_files=_files_stamp(str(args.prompts)))
-        if dist.is_main:
-            try:
-                check_settings(args.out, settings)  # writes them for a new run
-            except ValueError:
-                pass  # refused below by every rank alike, so no rank waits at a barrier for it
-        barrier()
-        check_settings(args.out, settings)
+        check_settings(args.out, settings)  # every rank refuses alike; written with the first part
 
         def render(indices: range) -> np.ndarray:
-            x = generate(model, conditions.condition(labels[indices.start : indices.stop]), sampler=args.sampler, steps=steps,
-                         cfg_scale=args.cfg_scale, guided_channels=args.guided_channels, eta=args.eta, seed=args.seed,
+            x = generate(model, conditions.condition(labels[indices.start : indices.stop]), sampler=sampler, steps=steps,
+                         cfg_scale=args.cfg_scale, guided_channels=guided_channels, eta=args.eta, seed=args.seed,
                          indices=indices, batch_size=args.batch_size, progress=False, conditioning=conditions.conditioning)
             return to_uint8_images(x, spec.space, vae)
 
@@ -110,17 +138,19 @@ def run(args: argparse.Namespace) -> int:
         mine = plan.parts_of(dist.rank, dist.world_size)
         bar = tqdm(total=len(mine), disable=args.quiet or not dist.is_main, desc="parts", dynamic_ncols=True)
         made = make_parts(plan, args.out, dist.rank, dist.world_size, render, labels.numpy(),
-                          progress=lambda done, total: bar.update(done - bar.n))
+                          progress=lambda done, total: bar.update(done - bar.n),
+                          before_write=lambda: write_settings(args.out, settings))
         bar.close()
         barrier()
         if dist.is_main:
             npz = assemble(plan, args.out)
-            log(f"{args.num_samples} samples ({plan.num_parts} parts, {made} made by this process in "
-                f"{time.perf_counter() - started:.1f} s on {dist.world_size} x {dist.device}): {npz}")
+            log(f"{plural(args.num_samples, 'sample')} ({plural(plan.num_parts, 'part')}, {made} made by this process in "
+                f"{duration(time.perf_counter() - started)} on {dist.world_size} x {dist.device}): {npz}")
             if args.grid > 0:
                 images, grid_labels = first_images(plan, args.out, args.grid)
                 columns = args.grid_columns or conditions.grid_columns()
-                log(f"grid of the first {len(images)}: {save_grid(args.out / 'grid.png', images, ncols=columns)}")
+                grid = save_grid(args.out / "grid.png", images, ncols=columns, column_labels=_column_labels(grid_labels, columns, conditions))
+                log(f"grid of the first {len(images)}: {grid}")
         barrier()
     finally:
         teardown_distributed()
@@ -167,6 +197,17 @@ class ImageConditions:
         if count <= 16 and (self.prompts is not None or self.mode == "balanced"):
             return count
         return None
+
+
+def _column_labels(labels: np.ndarray, columns: int | None, conditions: "ImageConditions") -> list[str] | None:
+    """What each grid column shows (its class, or prompt number), when every column shows one."""
+    if not columns or len(labels) == 0:
+        return None
+    per_column = [set(labels[k::columns].tolist()) for k in range(min(columns, len(labels)))]
+    if any(len(values) != 1 for values in per_column):
+        return None
+    word = "prompt " if conditions.prompts is not None else ""
+    return [f"{word}{values.pop()}" for values in per_column]
 
 
 def _files_stamp(spec: str) -> list | None:

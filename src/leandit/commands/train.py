@@ -19,12 +19,28 @@ import torch
 from ..backbones import backbone
 from ..data import open_training_data
 from ..diffusion import make_objective
-from ..models import NAMED_CONFIGS, build_model, save_model
+from ..models import build_model, save_model
+from ..models.io import is_named_size, parse_named_size
 from ..train import DenoisingJob, LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import barrier
 from ..train.loop import PRECISIONS
 from ..train.schedules import LR_SCHEDULES
-from .common import add_model_options, check_data_fits, data_conditioning, log, open_model, write_run_record
+from .common import (
+    check_resume,
+    duration,
+    check_data_option,
+    add_model_options,
+    add_overwrite_option,
+    check_data_fits,
+    claim_out,
+    data_conditioning,
+    log,
+    open_model,
+    plural,
+    write_run_record,
+)
+
+KIND = {"command": "train"}
 
 # The loop's own settings keep the loop's defaults (LoopConfig is where they live).
 _LOOP = {f.name: f.default for f in dataclasses.fields(LoopConfig) if f.default is not dataclasses.MISSING}
@@ -56,7 +72,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="named size to train from scratch (e.g. DiT-S/2, SiT-XL/2) or a model folder / checkpoint to fine-tune")
     p.add_argument("--set", dest="set_fields", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field of a named size's config, e.g. --set depth=14 --set in_channels=1 (repeatable)")
-    p.add_argument("--data", help="'digits' (the embedded 8x8 digits) or a folder of latent shards from extract-features")
+    p.add_argument("--data", help="'digits' (the embedded 8x8 digits) or a folder of latent shards from extract-features "
+                   "(required: no default, on the command line or in the recipe)")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints/, metrics.jsonl, run.json and the final model/")
     p.add_argument("--steps", type=int, help="total optimisation steps (required)")
     p.add_argument("--batch-size", type=int, help=f"global batch size over all processes (default {DEFAULTS['batch_size']})")
@@ -79,6 +96,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--stop-after", type=int, default=None, help="end this invocation after N more steps (resumable), e.g. to time-slice a long run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite_option(p)
     add_model_options(p)
     p.set_defaults(run=run)
 
@@ -110,6 +128,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("model", "data", "steps"):
         if settings[key] is None:
             raise ValueError(f"--{key} is required (on the command line or in the recipe)")
+    if settings["warmup_steps"] and settings["warmup_steps"] >= settings["steps"]:
+        log(f"warning: --warmup-steps {settings['warmup_steps']} is not shorter than the run ({plural(settings['steps'], 'step')}): "
+            "the learning rate never reaches --lr")
     return settings
 
 
@@ -122,39 +143,46 @@ def _parse_value(text: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     s = resolve_settings(args)
+    claim_out(args.out, KIND, args.overwrite, write=False)  # refused before any work
+    check_data_option(s["data"])
     dist = setup_distributed(s["device"])
     try:
-        if s["model"] in NAMED_CONFIGS:
+        named_size = is_named_size(s["model"])  # "DiT-S/2", or with overrides "DiT-S/2:depth=6"
+        if named_size:
             # --objective/--space/--num-heads describe files; for a named size they are overrides.
             named = {"objective": args.objective, "space": args.space, "num_heads": args.num_heads}
-            overrides = {**{k: v for k, v in named.items() if v is not None}, **s["model_overrides"]}
+            base, in_name = parse_named_size(s["model"])
+            overrides = {**{k: v for k, v in named.items() if v is not None}, **in_name, **s["model_overrides"]}
             torch.manual_seed(s["seed"])  # the same command gives the same initial weights
-            model = build_model(s["model"], **overrides)
+            model = build_model(base, **overrides)
         else:
             if s["model_overrides"]:
                 raise ValueError("--set/model_overrides apply to named sizes only, not to a model loaded from a file")
             model = open_model(s["model"], args)
         dataset = open_training_data(s["data"])
-        check_data_fits(model, dataset, s["data"], named_size=s["model"] in NAMED_CONFIGS)
+        check_data_fits(model, dataset, s["data"], named_size=named_size)
         loop = {name: s[name] for name in _LOOP_FIELDS}
         config = LoopConfig(steps=s["steps"], global_batch_size=s["batch_size"],
                             **{**loop, "ema_decay": s["ema_decay"] or None, "ema_warmup": bool(s["ema_warmup"]),
                                "grad_clip": s["grad_clip"] or None})
         spec = backbone(model).spec
         job = DenoisingJob(model, make_objective(spec), s["class_dropout"], data_conditioning(model, dataset))
+        check_resume(args.out, s, model, ())  # the architecture decides (a model named two ways is the same)
         if dist.is_main:
+            claim_out(args.out, KIND, args.overwrite)
             write_run_record(args.out, s, model, dist.world_size)
             log(f"training {spec.name or s['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) "
                 f"on {s['data']} ({len(dataset)} items) for {s['steps']} steps on {dist.world_size} x {dist.device}")
         started = time.perf_counter()
         result = Trainer(config, args.out, dist=dist, progress=not args.quiet).fit(job, dataset, stop_after=args.stop_after)
         if dist.is_main:
-            minutes = (time.perf_counter() - started) / 60
+            seconds = time.perf_counter() - started
             if result.steps >= config.steps:
-                final = save_model(model, args.out / "model", ema=result.ema, extra={"trained_steps": result.steps})
-                log(f"done: {result.steps} steps ({result.skipped_steps} skipped) in {minutes:.1f} min; model saved to {final}")
+                final = save_model(model, args.out / "model", ema=result.ema, extra={"trained_steps": result.steps},
+                                   overwrite=args.overwrite)
+                log(f"done: {plural(result.steps, 'step')} ({result.skipped_steps} skipped) in {duration(seconds)}; model saved to {final}")
             else:
-                log(f"stopped at step {result.steps} of {config.steps} after {minutes:.1f} min; run the same command to continue")
+                log(f"stopped at step {result.steps} of {config.steps} after {duration(seconds)}; run the same command to continue")
         barrier()
     finally:
         teardown_distributed()

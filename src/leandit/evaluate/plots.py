@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from ..files import write_atomically
 
 
 def _pyplot():
@@ -16,6 +19,22 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, out: str | Path) -> Path:
+    """Write the figure as a PNG atomically, with the umask's file mode, and close it."""
+    plt = _pyplot()
+    try:
+        write_atomically(out, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
+    return Path(out)
+
+
+def _integer_ticks(nbins: int | str = "auto"):
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(nbins=nbins, integer=True)
 
 
 def read_keep_probabilities(metrics_file: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -46,6 +65,7 @@ def plot_decisions(metrics_file: str | Path, out: str | Path, title: str | None 
         extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, depth - 0.5),
     )
     ax.set_xlabel("training step")
+    ax.xaxis.set_major_locator(_integer_ticks())  # steps are whole numbers, also for a short run
     ax.set_ylabel("block")
     ax.set_yticks(range(depth))
     ax.tick_params(axis="y", labelsize=7 if depth > 16 else 9)
@@ -56,9 +76,7 @@ def plot_decisions(metrics_file: str | Path, out: str | Path, title: str | None 
     fig.colorbar(image, ax=ax, label="probability the block is kept", pad=0.09 if kept is not None else 0.02)
     ax.set_title(title or "Learnable depth pruning: keep probability per block")
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
 
 
 def plot_calibration_histogram(
@@ -79,46 +97,65 @@ def plot_calibration_histogram(
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
     ax.hist(values, bins=edges, color="0.7", edgecolor="0.45", label=f"{len(values)} random masks")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, value) in enumerate(sorted(marks.items(), key=lambda kv: kv[1])):
-        ax.axvline(value, color=colors[i % len(colors)], linewidth=2, label=f"{name}: {value:.4g}")
+    # Methods that chose masks of the same loss (often the same mask) share one line and one
+    # legend entry, instead of the last drawn hiding the others.
+    groups: list[tuple[float, list[str]]] = []
+    for name, value in sorted(marks.items(), key=lambda kv: kv[1]):
+        if groups and np.isclose(groups[-1][0], value, rtol=1e-6, atol=0):
+            groups[-1][1].append(name)
+        else:
+            groups.append((value, [name]))
+    for i, (value, names) in enumerate(groups):
+        ax.axvline(value, color=colors[i % len(colors)], linewidth=2, label=f"{' = '.join(names)}: {value:.4g}")
     if log_scale:
         ax.set_xscale("log")
     ax.set_xlabel("calibration loss right after pruning (lower = better before fine-tuning)")
     ax.set_ylabel("masks")
+    ax.yaxis.set_major_locator(_integer_ticks())  # counts of masks are whole numbers
     ax.set_title(title or "Calibration loss of random masks")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
 
 
-def plot_activation_histograms(layers: Sequence, out: str | Path, title: str | None = None, k: float | None = 2.0) -> Path:
+def plot_activation_histograms(
+    layers: Sequence, out: str | Path, title: str | None = None, k: float | Sequence[float] | None = 2.0
+) -> Path:
     """One histogram per block output (log counts) with its max, min and std written on it
-    and mean +- k std marked (TinyFusion Figure 8): spikes far outside the band are the
-    massive activations that masked RepKD drops."""
+    and mean +- k std marked for every k asked (TinyFusion Figure 8): spikes far outside the
+    bands are the massive activations that masked RepKD drops."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    ks = [] if k is None else ([float(k)] if np.isscalar(k) else [float(v) for v in k])
+    styles = ["--", ":", "-.", (0, (5, 1))]
     columns = min(4, len(layers))
     rows = -(-len(layers) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), dpi=110, squeeze=False)
     for ax in axes.flat[len(layers):]:
         ax.axis("off")
-    for ax, layer in zip(axes.flat, layers):
+    for i, (ax, layer) in enumerate(zip(axes.flat, layers)):
         centers = (layer.edges[:-1] + layer.edges[1:]) / 2
         ax.bar(centers, np.maximum(layer.counts, 0.5), width=np.diff(layer.edges), color="0.45", log=True)
-        if k is not None:
+        for j, kj in enumerate(ks):
             for sign in (-1, 1):
-                ax.axvline(layer.mean + sign * k * layer.std, color="tab:red", linewidth=0.8, linestyle="--")
+                ax.axvline(layer.mean + sign * kj * layer.std, color="tab:red", linewidth=0.8, linestyle=styles[j % len(styles)])
         ax.set_title(f"block {layer.layer}", fontsize=9)
         ax.text(0.02, 0.97, f"max {layer.max:.3g}\nmin {layer.min:.3g}\nstd {layer.std:.3g}", transform=ax.transAxes,
                 fontsize=7, va="top", family="monospace")
         ax.tick_params(labelsize=7)
-    band = f" (dashed: mean ± {k:g} std)" if k is not None else ""
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # a few ticks: long labels of large values do not overlap
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+        if i + columns >= len(layers):  # the lowest plot of its column
+            ax.set_xlabel("activation value", fontsize=8)
+        if i % columns == 0:
+            ax.set_ylabel("count (log scale)", fontsize=8)
+    names = {"--": "dashed", ":": "dotted", "-.": "dash-dot"}
+    band = (" (" + ", ".join(f"{names.get(styles[j % len(styles)], 'long-dashed')}: mean ± {kj:g} std" for j, kj in enumerate(ks)) + ")"
+            if ks else "")
     fig.suptitle((title or "Block output activations") + band, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
 
 
 def plot_speedup_curve(rows: Sequence[dict], out: str | Path, title: str | None = None) -> Path:
@@ -133,10 +170,8 @@ def plot_speedup_curve(rows: Sequence[dict], out: str | Path, title: str | None 
         ax.plot(*zip(*points), marker=marker, label=f"{kind} pruning")
     ax.set_xlabel("compute ratio (MACs of the full model / MACs of the pruned one)")
     ax.set_ylabel("measured speed-up (latency ratio)")
-    ax.set_title(title or "Speed-up of depth and width pruning", fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title or "Speed-up of depth and width pruning", 70)), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)

@@ -51,16 +51,37 @@ class PartPlan:
         return Path(out) / PARTS / f"part-{r.start:07d}-{r.stop:07d}.npz"
 
 
+# The options of `leandit sample` behind the settings' fields (the rest are --field-name).
+OPTION_NAMES = {
+    "num": "--num-samples", "model": "MODEL", "model_files": "the model's weight files (changed since)",
+    "prompts_files": "the --prompts file (changed since)",
+}
+
+
 def check_settings(out: Path, settings: dict) -> None:
-    """Write the run's settings, or refuse to continue a folder made with other settings."""
+    """Refuse to continue a folder whose parts were made with other settings (reads only: the
+    settings are written with the first part, see `write_settings`)."""
     path = Path(out) / SETTINGS
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-        if changed:
-            raise ValueError(f"{out} holds samples made with other settings ({', '.join(changed)}); use the same options or a new --out")
+    if not path.exists():
         return
-    write_text_atomically(path, json.dumps(settings, indent=2) + "\n")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} is not valid JSON: remove it (and {Path(out) / PARTS}) or use a new --out") from None
+    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if changed:
+        what = "; ".join(
+            f"{OPTION_NAMES.get(k, '--' + k.replace('_', '-'))}" + ("" if k.endswith("_files") else f" was {saved.get(k)!r}, now {settings.get(k)!r}")
+            for k in changed
+        )
+        raise ValueError(f"{out} holds samples made with other settings ({what}); use the same options or a new --out")
+
+
+def write_settings(out: Path, settings: dict) -> None:
+    """Record the settings the parts are made with (once, before the first part is written)."""
+    path = Path(out) / SETTINGS
+    if not path.exists():
+        write_text_atomically(path, json.dumps(settings, indent=2) + "\n")
 
 
 def read_part(path: Path, expected: range) -> tuple[np.ndarray, np.ndarray] | None:
@@ -87,15 +108,20 @@ def make_parts(
     render: Callable[[range], np.ndarray],
     labels: np.ndarray,
     progress: Callable[[int, int], None] | None = None,
+    before_write: Callable[[], None] | None = None,
 ) -> int:
-    """Render this rank's missing parts; returns how many were made (the rest were reused)."""
+    """Render this rank's missing parts; returns how many were made (the rest were reused).
+    `before_write` runs once, before the first part is written (to record the settings)."""
     mine = plan.parts_of(rank, world_size)
     made = 0
     for n, part in enumerate(mine):
         indices = plan.indices(part)
         path = plan.path(out, part)
         if read_part(path, indices) is None:
-            write_part(path, indices, render(indices), labels[indices.start : indices.stop])
+            images = render(indices)
+            if before_write is not None and made == 0:
+                before_write()
+            write_part(path, indices, images, labels[indices.start : indices.stop])
             made += 1
         if progress:
             progress(n + 1, len(mine))
@@ -141,4 +167,4 @@ def first_images(plan: PartPlan, out: Path, count: int) -> tuple[np.ndarray, np.
     return np.concatenate(images)[:count], np.concatenate(labels)[:count]
 
 
-__all__ = ["PartPlan", "assemble", "check_settings", "first_images", "make_parts", "read_part", "write_part"]
+__all__ = ["PartPlan", "assemble", "check_settings", "first_images", "make_parts", "read_part", "write_part", "write_settings"]

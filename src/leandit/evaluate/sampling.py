@@ -20,7 +20,7 @@ from torch import nn
 from ..backbones import BackboneSpec, Cond, Conditioning, backbone, cond_batch_size, cond_slice, cond_to
 from ..data.vae import LATENT_SCALE
 from ..diffusion import PerSampleNoise, make_objective, mix_seed
-from ..files import savez_atomically
+from ..files import savez_atomically, write_atomically
 from ..models.guidance import classifier_free_guidance
 
 
@@ -159,20 +159,35 @@ def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | t
     return savez_atomically(path, arr_0=images, arr_1=np.asarray(labels, dtype=np.int64))
 
 
-def save_grid(path: str | os.PathLike, images: np.ndarray, ncols: int | None = None, min_side: int = 64, pad: int = 1) -> Path:
+def save_grid(
+    path: str | os.PathLike,
+    images: np.ndarray,
+    ncols: int | None = None,
+    min_side: int = 64,
+    pad: int = 1,
+    column_labels: Sequence[str] | None = None,
+) -> Path:
     """A PNG grid of uint8 images (N, H, W, C); small images are enlarged (nearest) to at
-    least `min_side` pixels so that a person can see them."""
+    least `min_side` pixels so that a person can see them. `column_labels` are written above
+    the columns (say, the class of each column)."""
     n, h, w, c = images.shape
     ncols = ncols or int(np.ceil(np.sqrt(n)))
     nrows = int(np.ceil(n / ncols))
     zoom = max(1, int(np.ceil(min_side / max(h, w))))
     h2, w2 = h * zoom, w * zoom
-    canvas = np.full((nrows * (h2 + pad) + pad, ncols * (w2 + pad) + pad, c), 255, dtype=np.uint8)
+    top = 14 if column_labels else 0  # a strip for the labels
+    canvas = np.full((top + nrows * (h2 + pad) + pad, ncols * (w2 + pad) + pad, c), 255, dtype=np.uint8)
     for i, image in enumerate(images):
         r, k = divmod(i, ncols)
         big = image.repeat(zoom, axis=0).repeat(zoom, axis=1)
-        canvas[pad + r * (h2 + pad) : pad + r * (h2 + pad) + h2, pad + k * (w2 + pad) : pad + k * (w2 + pad) + w2] = big
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
-    return path
+        y0 = top + pad + r * (h2 + pad)
+        canvas[y0 : y0 + h2, pad + k * (w2 + pad) : pad + k * (w2 + pad) + w2] = big
+    picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    if column_labels:
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(picture)
+        for k, label in enumerate(list(column_labels)[:ncols]):
+            x = pad + k * (w2 + pad) + w2 / 2
+            draw.text((x, top / 2), str(label), fill=0 if c == 1 else (0, 0, 0), anchor="mm")
+    return write_atomically(path, lambda f: picture.save(f, format="PNG"))

@@ -4,7 +4,19 @@ from .config import NAMED_CONFIGS, DiTConfig, named_config
 from .dit import DiT, DiTBlock
 from .infer import CheckpointError, infer_dit_config
 from .guidance import classifier_free_guidance
-from .io import build_model, load_model, model_from_state_dict, save_model
+
+_IO = ("build_model", "load_model", "model_from_state_dict", "save_model")
+
+
+def __getattr__(name: str):
+    # models.io imports leandit.backbones, whose DiT adapter imports models.config: loading io
+    # on first use lets either package be imported first (and keeps `leandit --help` light).
+    if name in _IO:
+        from . import io
+
+        return getattr(io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "NAMED_CONFIGS",

@@ -320,9 +320,12 @@ class DiT(nn.Module):
         cfg_scale: float,
         guided_channels: int | None = None,
     ) -> torch.Tensor:
-        """Classifier-free guidance with this model: see `classifier_free_guidance`.
+        """Guided prediction for a batch given ONCE (N, C, H, W), unlike the original DiT's, which takes a doubled batch.
 
-        Takes the batch once (N, C, H, W). `guided_channels` defaults to the config's
+        The original `forward_with_cfg` expects x = [x; x] and labels [y; null] and returns 2N
+        rows; this one makes the unconditional half itself and returns N rows (see
+        `classifier_free_guidance`): a port from the original must pass x and y once.
+        `guided_channels` defaults to the config's
         (`guided_channels`: 3 for the original DiT/SiT checkpoints, whose sampler guides 3 of
         their 4 latent channels; otherwise all prediction channels).
         """

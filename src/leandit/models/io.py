@@ -155,7 +155,7 @@ def read_checkpoint_file(
     """The state dict in a .pt/.pth/.safetensors file, and which entry it came from."""
     if path.suffix == ".safetensors":
         if weights == "ema":
-            raise CheckpointError(f"{path}: a single safetensors state dict has no separate 'ema' entry; use weights='auto'")
+            raise CheckpointError(f"{path}: a single safetensors state dict has no separate 'ema' entry; use --weights auto (weights='auto' in Python)")
         try:
             return _strip_wrapper_prefix(load_file(str(path))), "safetensors"
         except (SafetensorError, OSError, ValueError) as err:
@@ -173,7 +173,7 @@ def read_checkpoint_file(
             raise CheckpointError(f"{path}: its {entry!r} entry is a {type(obj).__name__}, not a state dict")
     else:
         if weights == "ema":
-            raise CheckpointError(f"{path}: is a plain state dict with no separate 'ema' entry; use weights='auto'")
+            raise CheckpointError(f"{path}: is a plain state dict with no separate 'ema' entry; use --weights auto (weights='auto' in Python)")
         label = "state dict"
     odd = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if odd:
@@ -198,9 +198,23 @@ def _torch_load(path: Path, trust: bool) -> Any:
                 f"{path}: pickles Python objects other than tensors ({unsupported[0].strip()[:160]}); "
                 "if you trust the file, load it with trust_checkpoint=True (--trust-checkpoint)"
             ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)}); is the file complete?") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {_damage(path, err)}") from None
     except Exception as err:  # torch's unpickler raises many types on a file that is not a checkpoint
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)}); is the file complete?") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {_damage(path, err)}") from None
+
+
+def _damage(path: Path, err: BaseException) -> str:
+    """What is wrong with a file torch cannot read, in words (torch's own message is often a
+    bare number such as "101" or "pop from empty list")."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes); copy it again"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"PK") and head[:1] != b"\x80":
+        return "the file is not a checkpoint (it is neither torch.save's zip format nor a pickle); check the file name"
+    detail = _first_line(err).split(". ")[0]
+    return f"the file is damaged or incomplete ({size:,} bytes; torch: {detail}); is the copy or download complete?"
 
 
 def _plain(err: BaseException) -> str:
@@ -226,7 +240,7 @@ def _load_folder(folder: Path, weights: str) -> nn.Module:
     weights_name, ema_name = adapter.weights_files(model_folder)
     has_ema = (model_folder / ema_name).exists()
     if weights == "ema" and not has_ema:
-        raise CheckpointError(f"{model_folder}: has no {ema_name}; use --weights model or --weights auto")
+        raise CheckpointError(f"{model_folder}: has no {ema_name}; use --weights model or --weights auto (weights=... in Python)")
     use_ema = weights == "ema" or (weights == "auto" and has_ema)
     wrapped = bool(meta.get("wrappers"))
     # A wrapped model's EMA covers the wrappers too: build it from the model weights, then
@@ -355,9 +369,11 @@ def save_model(
     ema: nn.Module | Mapping[str, torch.Tensor] | None = None,
     compression: list[dict[str, Any]] | None = None,
     extra: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a model folder atomically; an existing folder is replaced only once the new one
-    is complete.
+    is complete, and only when it is a model folder leandit wrote (or empty): a folder that
+    holds other files, or a file of that name, is refused unless `overwrite=True`.
 
     The folder's layout follows the model: a leandit DiT writes config.json (leandit's) +
     model.safetensors; a diffusers transformer writes what `save_pretrained` writes (so stock
@@ -368,14 +384,47 @@ def save_model(
         ema: EMA weights to store beside the model's own (loaded by default).
         compression: the compression history to record; default: `model.compression`.
         extra: JSON-serialisable facts to store in the metadata under "info".
+        overwrite: replace whatever `folder` is (its files are deleted).
     """
+    folder = Path(folder)
+    if not overwrite:
+        check_replaceable(folder)
     if find_adapter(peel_wrappers(model)[0]) is None:
         raise ValueError(f"cannot save a {type(model).__name__} as a model folder: it is not a backbone leandit can adapt")
     records = compression if compression is not None else getattr(model, "compression", None) or []
     write_folder_atomically(
-        Path(folder), lambda tmp: write_model_files(tmp, model, ema=ema, compression=records, extra=extra)
+        folder, lambda tmp: write_model_files(tmp, model, ema=ema, compression=records, extra=extra)
     )
     return Path(folder)
+
+
+# The files a model folder of leandit's holds (wrapper weights are *.safetensors too).
+_MODEL_FILE_NAMES = {CONFIG_FILE, COMPRESSION_FILE, LEANDIT_META}
+_MODEL_FILE_ENDINGS = (".safetensors", ".safetensors.index.json", ".bin")
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse to replace `folder` unless it is absent, empty, or a model folder (leandit's or a
+    diffusers transformer's) holding only model files: a user's other files are never deleted."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    how = "pass another folder, or overwrite=True (--overwrite) to replace it"
+    if not folder.is_dir() or folder.is_symlink():
+        raise FileExistsError(f"{folder} exists and is not a folder; {how}")
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return
+    try:
+        model_folder, _ = identify_folder(folder)
+    except CheckpointError:
+        model_folder = None
+    if model_folder != folder:
+        shown = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(f"{folder} is not a model folder (it holds {shown}); {how}")
+    foreign = [p.name for p in entries if not p.is_file() or not (p.name in _MODEL_FILE_NAMES or p.name.endswith(_MODEL_FILE_ENDINGS))]
+    if foreign:
+        raise FileExistsError(f"{folder} holds files that are not the model's ({', '.join(foreign[:5])}); {how}")
 
 
 def write_model_files(
