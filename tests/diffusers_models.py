@@ -22,7 +22,11 @@ def tiny_diffusers_dit(depth: int = 4, seed: int = 0, **overrides):
     randomize_(model, std=0.2, seed=seed)
     share_embedders_(model)
     model.leandit_info = {"objective": "diffusion", "space": "pixel"}
-    return model
+    # As load_model hands it out: the label embedders' own dropout off (in training mode they
+    # would drop labels at random in every forward).
+    from leandit.backbones import backbone
+
+    return backbone(model).prepare()
 
 
 def share_embedders_(model) -> None:
