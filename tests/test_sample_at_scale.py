@@ -52,3 +52,24 @@ def test_an_interrupted_run_remakes_only_the_missing_part(model_dir, tmp_path, c
     assert np.array_equal(read_images(out / "samples.npz"), before)
     assert main(["sample", str(model_dir), *SAMPLE, "--seed", "1", "--out", str(out)]) == 2
     assert "other settings (seed)" in capsys.readouterr().err
+
+
+def test_the_images_never_sit_in_memory_at_once(tmp_path):
+    """`leandit sample` holds one part at a time: rendering, writing the parts and streaming
+    them into samples.npz. Traced by tracemalloc (numpy reports its buffers to it)."""
+    import tracemalloc
+
+    folder = tmp_path / "rgb"
+    leandit.save_model(randomize_(tiny_model(depth=1, input_size=16, in_channels=3), std=0.1), folder)
+    n = 6000
+    args = ["sample", str(folder), "--num-samples", str(n), "--part-size", "100", "--steps", "1", "--sampler", "ddim",
+            "--batch-size", "100", "--device", "cpu", "--quiet", "--out", str(tmp_path / "s")]
+    tracemalloc.start()
+    try:
+        assert main(args) == 0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    images = read_images(tmp_path / "s" / "samples.npz")
+    assert images.shape == (n, 16, 16, 3)
+    assert peak < images.nbytes, f"peak {peak / 2**20:.1f} MiB for {images.nbytes / 2**20:.1f} MiB of images"
