@@ -80,6 +80,29 @@ def test_a_student_identical_to_its_teacher_has_zero_distillation_loss():
     assert loss.item() == pytest.approx(0.1 * logs["diffusion"].item(), rel=1e-6)
 
 
+def test_repkd_compares_each_student_block_with_its_aligned_teacher_block():
+    """Student blocks [0, 1] stand for teacher blocks [1, 3]: RepKD is the masked MSE of
+    student block j's output against teacher block teacher_layers[j]'s output, on the same
+    x_t, t and labels (block outputs caught here by forward hooks)."""
+    teacher = randomize_(tiny_model(depth=4), std=0.15, seed=1)
+    student = randomize_(tiny_model(depth=2), std=0.15, seed=2)
+    outputs: dict[str, dict[int, torch.Tensor]] = {"student": {}, "teacher": {}}
+    for name, model in (("student", student), ("teacher", teacher)):
+        for i, block in enumerate(model.blocks):
+            block.register_forward_hook(lambda m, a, o, name=name, i=i: outputs[name].__setitem__(i, o.detach().clone()))
+    from leandit.compress.recovery import repkd_loss
+
+    for layers in ([1, 3], [3, 0]):
+        job = RecoveryJob(student, teacher, RecoverySettings(), teacher_layers=layers)
+        _, logs = job.compute_loss(student, _batch(), StepRandom(0, 0, 8, 0, 1, torch.device("cpu")))
+        expected, dropped = repkd_loss([outputs["student"][0], outputs["student"][1]],
+                                       [outputs["teacher"][layers[0]], outputs["teacher"][layers[1]]], 2.0)
+        assert logs["repkd"].item() == pytest.approx(expected.item(), rel=1e-6), layers
+        assert logs["repkd_dropped"].item() == pytest.approx(dropped.item(), rel=1e-6)
+        others, _ = repkd_loss([outputs["student"][0], outputs["student"][1]], [outputs["teacher"][0], outputs["teacher"][1]], 2.0)
+        assert abs(others.item() - expected.item()) > 1e-3 * expected.item()  # the alignment matters here
+
+
 def test_plain_mix_needs_no_teacher_and_bad_mixes_are_refused():
     student = tiny_model(depth=2)
     job = RecoveryJob(student, None, RecoverySettings.from_mix("plain"))
