@@ -42,6 +42,7 @@ def test_every_command_explains_each_option(command, capsys):
     assert done.value.code == 0 and "usage: leandit " + command in capsys.readouterr().out
 
 
+@pytest.mark.slow  # three subprocesses, as a user runs them
 def test_train_sample_info_round_trip_in_subprocesses(tmp_path):
     done = run_cli(*tiny_train_args(tmp_path / "run"))
     assert done.returncode == 0, done.stderr
@@ -66,6 +67,7 @@ def test_train_sample_info_round_trip_in_subprocesses(tmp_path):
     assert info["flops_per_forward"] == 2 * info["macs_per_forward"] > 0
 
 
+@pytest.mark.slow  # a real process to interrupt, and three 60-step runs
 def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_like_an_uninterrupted_run(tmp_path, capsys):
     args = tiny_train_args(tmp_path / "interrupted", 60)
     args[args.index("--checkpoint-every") + 1] = "1000"  # only Ctrl-C and the end save

@@ -26,6 +26,8 @@ from leandit.evaluate.sampling import generate, make_labels, to_uint8_images
 from conftest import ROOT, randomize_, tiny_model
 from two_process_checks import first_step_gradients
 
+pytestmark = pytest.mark.slow  # one torchrun launch of two processes: about a minute on 2 cores
+
 TINY = ["--model", "DiT-S/2", "--set", "input_size=8", "--set", "in_channels=1", "--set", "hidden_size=32",
         "--set", "num_heads=2", "--set", "depth=2", "--set", "num_classes=10", "--set", "space=\"pixel\""]
 LEARN = ["--method", "learnable", "--scheme", "1:2", "--batch-size", "16", "--log-every", "1", "--checkpoint-every", "3",

@@ -16,6 +16,7 @@ from leandit.evaluate.metrics import all_metrics
 TINY = DemoSettings(prune_steps=3, recover_steps=3, batch_size=16, samples_per_class=3, sampling_steps=3, bench_rounds=1)
 
 
+@pytest.mark.slow  # every stage of the demo, run four times
 def test_the_demo_prunes_recovers_measures_and_reports_then_reuses_its_stages(tmp_path, capsys):
     messages: list[str] = []
     report = run_demo(tmp_path / "demo", progress=False, log=messages.append, settings=TINY)

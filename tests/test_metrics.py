@@ -106,6 +106,7 @@ def _npz(path, images):
     return path
 
 
+@pytest.mark.slow  # a random Inception-v3 at 299 x 299 on 20 images
 def test_eval_runs_the_whole_inception_path_and_caches_reference_features(inception, tmp_path, capsys):
     rng = np.random.default_rng(3)
     ref = _npz(tmp_path / "ref.npz", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
