@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny models and data on CPU, and running the CLI as a user does."""
+"""Shared fixtures: tiny models and data on CPU, and running the CLI as a user does.
+
+Tests that take more than ~20 s on 2 CPU cores are marked `slow`: `pytest -m "not slow"` is the
+quick run, the plain `pytest` runs everything."""
 
 from __future__ import annotations
 

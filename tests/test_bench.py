@@ -92,6 +92,13 @@ def test_curve_measures_depth_and_width_variants_and_draws_them(tmp_path, capsys
     assert rows[1]["depth"] == 2 and rows[2]["depth"] == 4
     assert rows[1]["compute_ratio"] == pytest.approx(rows[0]["flops_per_step"] / rows[1]["flops_per_step"])
     assert 1.5 < rows[1]["compute_ratio"] < 2.1 and 1.5 < rows[2]["compute_ratio"] < 2.1
+    # Exactly: the first 2 of 4 blocks, and 1 of 2 heads with 64 of 128 MLP channels in every block.
+    from leandit.models.width import slice_width
+
+    full = open_spec(TINY + ",depth=4")
+    assert rows[0]["flops_per_step"] % forward_flops(full, 1) == 0
+    assert rows[1]["compute_ratio"] == pytest.approx(forward_flops(full, 1) / forward_flops(tiny_model(depth=2), 1), rel=1e-12)
+    assert rows[2]["compute_ratio"] == pytest.approx(forward_flops(full, 1) / forward_flops(slice_width(full, 1, 64), 1), rel=1e-12)
     assert png.stat().st_size > 5000 and "share of the limit" in capsys.readouterr().out
     assert main(["bench", TINY, TINY, "--curve", str(png)]) == 2
     assert "exactly one MODEL" in capsys.readouterr().err

@@ -42,6 +42,7 @@ def test_every_command_explains_each_option(command, capsys):
     assert done.value.code == 0 and "usage: leandit " + command in capsys.readouterr().out
 
 
+@pytest.mark.slow  # three subprocesses, as a user runs them
 def test_train_sample_info_round_trip_in_subprocesses(tmp_path):
     done = run_cli(*tiny_train_args(tmp_path / "run"))
     assert done.returncode == 0, done.stderr
@@ -66,7 +67,8 @@ def test_train_sample_info_round_trip_in_subprocesses(tmp_path):
     assert info["flops_per_forward"] == 2 * info["macs_per_forward"] > 0
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.slow  # a real process to interrupt, and three 60-step runs
+def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_like_an_uninterrupted_run(tmp_path, capsys):
     args = tiny_train_args(tmp_path / "interrupted", 60)
     args[args.index("--checkpoint-every") + 1] = "1000"  # only Ctrl-C and the end save
     env = {"PYTHONUNBUFFERED": "1"}
@@ -85,11 +87,11 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_like_an_uninterrupted_
     assert (tmp_path / "interrupted" / "checkpoints" / f"step-{saved:07d}").is_dir()
     assert not (tmp_path / "interrupted" / "model").exists()
 
-    done = run_cli(*args, env=env)  # the same command resumes
-    assert done.returncode == 0, done.stderr
-    assert "resuming from" in done.stderr
-    straight = run_cli(*tiny_train_args(tmp_path / "straight", 60), env=env)
-    assert straight.returncode == 0, straight.stderr
+    # The rerun and the uninterrupted run in this process (only the Ctrl-C needs its own).
+    capsys.readouterr()
+    assert main(args) == 0  # the same command resumes
+    assert "resuming from" in capsys.readouterr().err
+    assert main(tiny_train_args(tmp_path / "straight", 60)) == 0
     a = load_file(str(tmp_path / "interrupted" / "model" / "ema.safetensors"))
     b = load_file(str(tmp_path / "straight" / "model" / "ema.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,42 +1,101 @@
-"""DDP on 2 CPU processes (gloo): the same run on 1 or 2 processes, and the NaN guard."""
+"""DDP on 2 CPU processes (gloo): train, resume, learnable pruning, fine-tuning and sampling on
+two processes give what one process gives, the gradients are averaged (not summed) over the
+processes, and the NaN guard decides alike on every rank.
+
+Every two-process run happens in ONE torchrun launch (tests/two_process_checks.py, started
+once per module); each single-process baseline runs in this process through `leandit.cli.main`
+(a world of one: the same code path as `torchrun --nproc_per_node=1` without its start-up)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import leandit
+from leandit.cli import main
+from leandit.compress.depth import explicit, export_pruned, parse_scheme
+from leandit.evaluate.sampling import generate, make_labels, to_uint8_images
 
-from conftest import ROOT
+from conftest import ROOT, randomize_, tiny_model
+from two_process_checks import first_step_gradients
+
+pytestmark = pytest.mark.slow  # one torchrun launch of two processes: about a minute on 2 cores
 
 TINY = ["--model", "DiT-S/2", "--set", "input_size=8", "--set", "in_channels=1", "--set", "hidden_size=32",
         "--set", "num_heads=2", "--set", "depth=2", "--set", "num_classes=10", "--set", "space=\"pixel\""]
+LEARN = ["--method", "learnable", "--scheme", "1:2", "--batch-size", "16", "--log-every", "1", "--checkpoint-every", "3",
+         "--device", "cpu", "--precision", "fp32", "--lr", "1e-3", "--quiet", "--steps", "3"]
+LOOP = ["--batch-size", "16", "--log-every", "1", "--checkpoint-every", "2", "--device", "cpu", "--precision", "fp32", "--quiet"]
+SAMPLE = ["--num-samples", "10", "--part-size", "3", "--sampler", "ddim", "--steps", "4", "--batch-size", "2", "--labels", "random",
+          "--device", "cpu", "--quiet"]
 
 
-def torchrun(nproc: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=150)
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
 def train_args(out: Path) -> list[str]:
-    return ["-m", "leandit.cli", "train", *TINY, "--data", "digits", "--steps", "5", "--batch-size", "32",
-            "--lr", "1e-3", "--ema-decay", "0.9", "--checkpoint-every", "5", "--log-every", "1", "--device", "cpu",
-            "--precision", "fp32", "--out", str(out), "--quiet"]
+    return ["train", *TINY, "--data", "digits", "--steps", "5", "--batch-size", "32", "--lr", "1e-3", "--ema-decay", "0.9",
+            "--checkpoint-every", "5", "--log-every", "1", "--device", "cpu", "--precision", "fp32", "--out", str(out), "--quiet"]
 
 
-def test_two_processes_train_like_one_and_resume_exactly(tmp_path):
-    torchrun(1, *train_args(tmp_path / "one"), cwd=ROOT)
-    torchrun(2, *train_args(tmp_path / "two"), cwd=ROOT)
+def prune_args(inputs: Path, out: Path) -> list[str]:
+    return ["prune", str(inputs / "prune-source"), *LEARN, "--out", str(out)]
+
+
+def finetune_args(inputs: Path, out: Path) -> list[str]:
+    return ["finetune", str(inputs / "student"), "--teacher", str(inputs / "teacher"), "--steps", "3", "--out", str(out),
+            "--lr", "1e-3", *LOOP]
+
+
+def sample_args(inputs: Path, out: Path) -> list[str]:
+    return ["sample", str(inputs / "sampler"), *SAMPLE, "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The inputs, then every two-process run in one torchrun launch; returns (inputs, runs)."""
+    inputs, two = tmp_path_factory.mktemp("inputs"), tmp_path_factory.mktemp("two")
+    leandit.save_model(randomize_(tiny_model(depth=4), std=0.15), inputs / "prune-source")
+    leandit.save_model(randomize_(tiny_model(depth=4), std=0.15), inputs / "teacher")
+    teacher = leandit.load_model(inputs / "teacher")
+    export_pruned(teacher, explicit([0, 3], 4, parse_scheme("1:2", 4)), inputs / "student", source_name="teacher")
+    leandit.save_model(randomize_(tiny_model(depth=2), std=0.1), inputs / "sampler")
+    plan = {
+        "commands": [
+            train_args(two / "train"),
+            [*train_args(two / "resumed"), "--stop-after", "2"],
+            train_args(two / "resumed"),
+            prune_args(inputs, two / "prune"),
+            finetune_args(inputs, two / "finetune"),
+            sample_args(inputs, two / "sample"),
+        ],
+        "jobs": str(two / "jobs"),
+    }
+    (two / "plan.json").write_text(json.dumps(plan))
+    torchrun(2, str(ROOT / "tests" / "two_process_checks.py"), str(two / "plan.json"), cwd=ROOT)
+    return inputs, two
+
+
+def _main(argv: list[str]) -> None:
+    assert main(argv) == 0
+
+
+def test_two_processes_train_like_one_and_resume_exactly(runs, tmp_path):
+    _, two_runs = runs
+    _main(train_args(tmp_path / "one"))
     one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
-    two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    two = load_file(str(two_runs / "train" / "model" / "model.safetensors"))
     last = load_file(str(tmp_path / "one" / "checkpoints" / "step-0000005" / "model.safetensors"))
     assert all(torch.equal(one[k], last[k]) for k in one)  # the final model folder holds the last step's weights
     # The runs trained: the weights left the initialisation that --seed 0 gives.
@@ -48,64 +107,69 @@ def test_two_processes_train_like_one_and_resume_exactly(tmp_path):
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst < 1e-4, worst
     first = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
-    second = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    second = (two_runs / "train" / "metrics.jsonl").read_text().splitlines()
     assert len(first) == len(second) == 5
 
     # Two processes stopped after 2 steps and resumed reach the uninterrupted 2-process weights.
-    torchrun(2, *train_args(tmp_path / "resumed"), "--stop-after", "2", cwd=ROOT)
-    torchrun(2, *train_args(tmp_path / "resumed"), cwd=ROOT)
-    resumed = load_file(str(tmp_path / "resumed" / "model" / "ema.safetensors"))
-    straight = load_file(str(tmp_path / "two" / "model" / "ema.safetensors"))
+    resumed = load_file(str(two_runs / "resumed" / "model" / "ema.safetensors"))
+    straight = load_file(str(two_runs / "train" / "model" / "ema.safetensors"))
     assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
 
 
-NAN_SCRIPT = textwrap.dedent(
-    """
-    import json, math, sys, torch
-    import torch.distributed as dist
-    from torch.utils.data import TensorDataset
-    import leandit
-    from leandit.diffusion import GaussianDiffusion
-    from leandit.train import DenoisingJob, LoopConfig, Trainer, setup_distributed
-
-    class Poisoned(DenoisingJob):
-        step = 0
-        def on_step_start(self, step, total):
-            self.step = step
-        def compute_loss(self, module, batch, random):
-            loss, logs = super().compute_loss(module, batch, random)
-            # Only rank 1 sees a non-finite loss, only at step 2, and its gradients stay finite
-            # (d(loss + inf)/d(loss) = 1): only the all-reduced decision makes rank 0 skip too.
-            if self.step == 2 and dist.get_rank() == 1:
-                loss = loss + math.inf
-            return loss, logs
-
-    env = setup_distributed("cpu")
-    torch.manual_seed(0)
-    model = leandit.build_model("DiT-S/2", input_size=8, in_channels=1, hidden_size=32, num_heads=2, depth=2,
-                                num_classes=10, space="pixel")
-    gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.rand(64, 1, 8, 8, generator=gen), torch.randint(0, 10, (64,), generator=gen))
-    config = LoopConfig(steps=4, global_batch_size=16, lr=1e-3, ema_decay=0.9, checkpoint_every=4, log_every=1, precision="fp32")
-    result = Trainer(config, sys.argv[1], dist=env, progress=False).fit(Poisoned(model, GaussianDiffusion.dit()), data)
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    gathered = [torch.zeros_like(flat) for _ in range(2)]
-    dist.all_gather(gathered, flat)
-    same = bool(torch.equal(gathered[0], gathered[1]))
-    # One file per rank: two processes printing to one pipe can interleave their lines.
-    report = {"rank": env.rank, "skipped": result.skipped_steps, "replicas_equal": same, "finite": bool(torch.isfinite(flat).all())}
-    with open(f"{sys.argv[1]}/report-{env.rank}.json", "w") as f:
-        json.dump(report, f)
-    dist.destroy_process_group()
-    """
-)
+def test_gradients_are_averaged_over_the_processes_not_summed(runs, tmp_path):
+    _, two_runs = runs
+    one = first_step_gradients(tmp_path / "one")
+    ranks = [load_file(str(two_runs / "jobs" / f"gradients-{r}.safetensors")) for r in (0, 1)]
+    assert one.keys() == ranks[0].keys() == ranks[1].keys()
+    assert sum(g.abs().sum() for g in one.values()) > 0
+    for k in one:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k  # the replicas apply the same all-reduced gradient
+        # the mean of the two half-batch gradients is the full batch's (a sum would be 2x)
+        torch.testing.assert_close(ranks[0][k], one[k], rtol=1e-4, atol=1e-7, msg=k)
 
 
-def test_nan_on_one_rank_is_skipped_on_every_rank(tmp_path):
-    script = tmp_path / "poisoned.py"
-    script.write_text(NAN_SCRIPT)
-    torchrun(2, str(script), str(tmp_path / "run"), cwd=ROOT)
-    reports = [json.loads(path.read_text()) for path in sorted((tmp_path / "run").glob("report-*.json"))]
+def test_nan_on_one_rank_is_skipped_on_every_rank(runs):
+    _, two_runs = runs
+    reports = [json.loads(path.read_text()) for path in sorted((two_runs / "jobs").glob("nan-report-*.json"))]
     assert len(reports) == 2
     for report in reports:
         assert report == {"rank": report["rank"], "skipped": 1, "replicas_equal": True, "finite": True}
+
+
+def test_learnable_under_torchrun_on_two_processes_matches_one(runs, tmp_path):
+    inputs, two_runs = runs
+    _main(prune_args(inputs, tmp_path / "one"))
+    one = load_file(str(tmp_path / "one" / "checkpoints" / "step-0000003" / "model.safetensors"))
+    two = load_file(str(two_runs / "prune" / "checkpoints" / "step-0000003" / "model.safetensors"))
+    assert not torch.allclose(one["gates.logits"], torch.full((4,), 0.02))  # the logits trained
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert (two_runs / "prune" / "model" / "compression.json").exists()
+
+
+def test_two_processes_fine_tune_like_one(runs, tmp_path):
+    inputs, two_runs = runs
+    _main(finetune_args(inputs, tmp_path / "one"))
+    one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    two = load_file(str(two_runs / "finetune" / "model" / "model.safetensors"))
+    start = load_file(str(inputs / "student" / "model.safetensors"))
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4  # it trained
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4  # Adam amplifies summation order
+    # The first step's losses are per-sample means: the two halves average to the whole batch's.
+    first = [json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])
+             for folder in (tmp_path / "one", two_runs / "finetune")]
+    for key in ("loss", "kd", "kd_kl", "diffusion", "repkd", "repkd_dropped"):
+        assert first[0][key] == pytest.approx(first[1][key], rel=1e-5, abs=1e-9), key
+
+
+def test_two_processes_write_the_same_file_as_one_and_as_direct_generation(runs, tmp_path):
+    inputs, two_runs = runs
+    _main(sample_args(inputs, tmp_path / "one"))
+    one, two = np.load(tmp_path / "one" / "samples.npz"), np.load(two_runs / "sample" / "samples.npz")
+    assert one["arr_0"].shape == (10, 8, 8, 1) and one["arr_0"].dtype == np.uint8
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+    model = leandit.load_model(inputs / "sampler")
+    labels = make_labels(10, 10, "random", 0)
+    torch.set_num_threads(1)
+    direct = to_uint8_images(generate(model, labels, sampler="ddim", steps=4, seed=0, batch_size=10, progress=False), "pixel")
+    assert np.array_equal(one["arr_0"], direct) and np.array_equal(one["arr_1"], labels.numpy())
+    assert (tmp_path / "one" / "grid.png").exists()

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 from leandit.demo import DemoSettings, run_demo
+from leandit.evaluate.digits_features import digits_as_uint8, load_digits_features
+from leandit.evaluate.feature_nets import extract_features
+from leandit.evaluate.metrics import all_metrics
 
 TINY = DemoSettings(prune_steps=3, recover_steps=3, batch_size=16, samples_per_class=3, sampling_steps=3, bench_rounds=1)
 
 
+@pytest.mark.slow  # every stage of the demo, run four times
 def test_the_demo_prunes_recovers_measures_and_reports_then_reuses_its_stages(tmp_path, capsys):
     messages: list[str] = []
     report = run_demo(tmp_path / "demo", progress=False, log=messages.append, settings=TINY)
@@ -24,7 +31,18 @@ def test_the_demo_prunes_recovers_measures_and_reports_then_reuses_its_stages(tm
     assert [r["method"] for r in recovered] == ["learnable", "recovery"] and recovered[-1]["steps"] == 3
     speed = state["speed"]["result"]
     assert speed["teacher"]["speedup"] == 1.0 and speed["oracle"]["depth"] == 6
-    assert state["sample-oracle-recovered"]["result"]["digits_fid"] >= 0
+    scored = state["sample-oracle-recovered"]["result"]
+    assert scored["digits_fid"] >= 0
+    # The numbers are those of the recovered model's samples against the embedded digits,
+    # recomputed here from the sample file the stage wrote.
+    with np.load(tmp_path / "demo" / "oracle_samples.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.shape == (30, 8, 8, 1) and labels.tolist() == [i % 10 for i in range(30)] and scored["samples"] == 30
+    net = load_digits_features()
+    expected = all_metrics(extract_features(net, images, progress=False), extract_features(net, digits_as_uint8()[0], progress=False))
+    for key, value in expected.items():
+        assert scored[f"digits_{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key  # float32 features: summation order
+    assert f"| {expected['fid']:.2f} |" in text
     messages.clear()
     run_demo(tmp_path / "demo", progress=False, log=messages.append, settings=TINY)
     assert not any("running" in m for m in messages) and any("reusing" in m for m in messages)

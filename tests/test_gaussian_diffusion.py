@@ -202,8 +202,8 @@ def test_respaced_keeps_alphas_cumprod_and_maps_timesteps(spec):
 
 def test_single_step_processes_can_be_built():
     """A one-step process (sample(steps=1), respaced(1), or one beta) must construct: its
-    t = 0 log variance cannot be clipped to a t = 1 value that does not exist.
-    Currently fails: IndexError in GaussianDiffusion.__init__ (post_var[1])."""
+    t = 0 log variance cannot be clipped to a t = 1 value that does not exist (it once
+    raised IndexError in GaussianDiffusion.__init__ at post_var[1])."""
     one = GaussianDiffusion(np.array([0.3]), learn_sigma=True)
     assert one.num_timesteps == 1 and one.alphas_cumprod[0] == pytest.approx(0.7)
     r = GaussianDiffusion(linear_betas(T), learn_sigma=True).respaced(1)
@@ -686,10 +686,11 @@ def test_ddim_point_mass_recovers_mu_and_keeps_eps_constant(steps):
         kept = [40 * k for k in range(25)]
     else:
         kept = adm_kept(T, [steps])
+    # one step visits the last timestep only (pure noise: leandit's documented departure from
+    # ADM, which would keep t = 0; see adm_kept)
+    assert [int(tt[0]) for tt, _ in visited] == kept[::-1]
     if steps == 1:
-        assert len(visited) == 1  # which single timestep is a separate question (see report)
-    else:
-        assert [int(tt[0]) for tt, _ in visited] == kept[::-1]
+        assert len(visited) == 1 and int(visited[0][0][0]) == T - 1
     # deterministic DDIM on a point mass keeps the implied noise fixed: after the first step,
     # x_t = sqrt(abar_t) mu + sqrt(1 - abar_t) e with e the eps implied at x_T = noise()
     t_top, x_top = visited[0]

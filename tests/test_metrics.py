@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from leandit.cli import main
-from leandit.evaluate.metrics import GaussianStats, frechet_distance, inception_score, precision_recall
+from leandit.evaluate.metrics import GaussianStats, all_metrics, frechet_distance, inception_score, precision_recall
 
 
 def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
@@ -106,6 +106,7 @@ def _npz(path, images):
     return path
 
 
+@pytest.mark.slow  # a random Inception-v3 at 299 x 299 on 20 images
 def test_eval_runs_the_whole_inception_path_and_caches_reference_features(inception, tmp_path, capsys):
     rng = np.random.default_rng(3)
     ref = _npz(tmp_path / "ref.npz", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
@@ -152,3 +153,77 @@ def test_eval_refuses_missing_or_wrong_files_in_one_line(tmp_path, capsys, extra
     assert main(["eval", str(ref), *args, "--features", "inception", "--no-cache"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+# -- the ADM evaluator's definitions, pinned ---------------------------------------------------
+
+
+def test_inception_score_uses_adm_splits_of_5000_including_the_last_partial_one(monkeypatch):
+    # 12,000 samples -> splits of 5000, 5000 and 2000; each split is confident and balanced
+    # over 10, 5 and 2 classes: scores 10, 5 and 2, averaged with equal weight.
+    logits = np.full((12000, 10), -50.0)
+    classes = np.concatenate([np.arange(5000) % 10, np.arange(5000) % 5, np.arange(2000) % 2])
+    logits[np.arange(12000), classes] = 50.0
+    expected = (10 + 5 + 2) / 3
+    assert inception_score(logits) == pytest.approx(expected, rel=1e-9)
+    # all_metrics scores with the same splits (its k-NN part, slow at this size, is stubbed)
+    from leandit.evaluate import metrics
+
+    monkeypatch.setattr(metrics, "precision_recall", lambda *a, **k: (0.0, 0.0))
+    pool = np.random.default_rng(0).normal(size=(12000, 2))
+    features = {"pool": pool, "spatial": pool, "logits": logits}
+    assert all_metrics(features, features)["inception_score"] == pytest.approx(expected, rel=1e-9)
+
+
+def _brute_coverage(points: np.ndarray, manifold: np.ndarray, k: int) -> float:
+    """Share of points within the k-th-nearest-neighbour radius (self excluded) of some manifold point."""
+    sq = lambda a, b: (a**2).sum(1)[:, None] - 2 * a @ b.T + (b**2).sum(1)[None]
+    radii = np.sort(sq(manifold, manifold), axis=1)[:, k]  # column 0 is the point itself
+    return float((sq(points, manifold) <= radii[None]).any(axis=1).mean())
+
+
+def test_precision_recall_use_k_3_and_match_brute_force_past_the_batch_size():
+    rng = np.random.default_rng(5)
+    # More points than the 1024-row batches; clusters make the answer depend on k.
+    centres = rng.normal(size=(40, 16)) * 3
+    reference = centres[rng.integers(0, 40, 2500)] + rng.normal(size=(2500, 16))
+    samples = centres[rng.integers(0, 20, 1300)] * 1.1 + rng.normal(size=(1300, 16)) * 1.3
+    brute = {k: (_brute_coverage(samples, reference, k), _brute_coverage(reference, samples, k)) for k in (2, 3, 4)}
+    assert brute[2] != brute[3] != brute[4]  # the data tells k apart
+    assert precision_recall(samples, reference) == pytest.approx(brute[3], abs=1e-12)
+    features = lambda pool: {"pool": pool, "spatial": pool[:, :4], "logits": np.zeros((len(pool), 3))}
+    metrics = all_metrics(features(samples), features(reference))
+    assert (metrics["precision"], metrics["recall"]) == pytest.approx(brute[3], abs=1e-12)
+
+
+def test_fid_uses_the_pooled_and_sfid_the_spatial_features():
+    rng = np.random.default_rng(6)
+    a = {"pool": rng.normal(size=(300, 5)), "spatial": rng.normal(size=(300, 3)), "logits": rng.normal(size=(300, 4))}
+    b = {"pool": rng.normal(size=(300, 5)) + 1, "spatial": rng.normal(size=(300, 3)) * 2, "logits": rng.normal(size=(300, 4))}
+    metrics = all_metrics(a, b)
+    assert metrics["fid"] == pytest.approx(frechet_distance(GaussianStats.of(a["pool"]), GaussianStats.of(b["pool"])))
+    assert metrics["sfid"] == pytest.approx(frechet_distance(GaussianStats.of(a["spatial"]), GaussianStats.of(b["spatial"])))
+    assert metrics["inception_score"] == pytest.approx(inception_score(a["logits"]))
+
+
+def test_inception_features_are_the_adm_ones(inception):
+    """pool_3 (2048), the unbiased logits (pool @ W^T: no bias, as ADM's softmax) and sFID's
+    mixed_6/conv = Mixed_6d.branch1x1 (after its ReLU), first 7 channels, 17 x 17, (H, W, C)."""
+    from leandit.evaluate.feature_nets import InceptionFeatures
+
+    net = InceptionFeatures(inception)
+    hooked = [name for name, m in net.net.named_modules() if m._forward_hooks]
+    assert hooked == ["Mixed_6d.branch1x1"]
+    caught = {}
+    net.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, a, o: caught.update(out=o.detach().clone()))
+    images = np.random.default_rng(7).integers(0, 256, (2, 48, 40, 3), dtype=np.uint8)
+    features = net(torch.from_numpy(images))
+    assert features["pool"].shape == (2, 2048) and features["logits"].shape == (2, 1008)
+    assert caught["out"].shape == (2, 192, 17, 17)
+    torch.testing.assert_close(features["spatial"], caught["out"][:, :7].permute(0, 2, 3, 1).reshape(2, 2023))
+    assert (caught["out"] >= 0).all()  # after the ReLU
+    torch.testing.assert_close(features["logits"], features["pool"] @ net.net.fc.weight.T, rtol=1e-4, atol=1e-4)
+    assert net.net.fc.bias.abs().max() > 1e-3  # so the biased logits would differ
+    gray = net(torch.from_numpy(images[..., :1]))
+    rgb = net(torch.from_numpy(np.repeat(images[..., :1], 3, axis=-1)))
+    torch.testing.assert_close(gray["pool"], rgb["pool"])

@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 import leandit
 
 from leandit.cli import main
-from conftest import ROOT, randomize_, run_cli, tiny_model
-from test_ddp import torchrun
+from conftest import randomize_, run_cli, tiny_model
 
 LEARN = ["--method", "learnable", "--scheme", "1:2", "--batch-size", "16", "--log-every", "1", "--checkpoint-every", "3",
          "--device", "cpu", "--precision", "fp32", "--lr", "1e-3", "--quiet"]
@@ -63,17 +62,6 @@ def test_learnable_run_exports_a_shallower_model_and_resumes_exactly(source, tmp
     assert merged["weights"] == "lora-merged" and merged["kept_indices"] == record["kept_indices"]
     plain, delta = leandit.load_model(straight / "model"), leandit.load_model(resumed / "model")
     assert not torch.equal(plain.blocks[0].mlp.fc1.weight, delta.blocks[0].mlp.fc1.weight)
-
-
-def test_learnable_under_torchrun_on_two_processes_matches_one(source, tmp_path):
-    args = ["-m", "leandit.cli", "prune", str(source), *LEARN, "--steps", "3"]
-    torchrun(1, *args, "--out", str(tmp_path / "one"), cwd=ROOT)
-    torchrun(2, *args, "--out", str(tmp_path / "two"), cwd=ROOT)
-    one = load_file(str(tmp_path / "one" / "checkpoints" / "step-0000003" / "model.safetensors"))
-    two = load_file(str(tmp_path / "two" / "checkpoints" / "step-0000003" / "model.safetensors"))
-    assert not torch.allclose(one["gates.logits"], torch.full((4,), 0.02))  # the logits trained
-    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
-    assert (tmp_path / "two" / "model" / "compression.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -37,9 +37,10 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
 
     For covariances (symmetric PSD) tr (S_a S_b)^(1/2) = tr (S_a^(1/2) S_b S_a^(1/2))^(1/2), a
-    symmetric matrix: two eigendecompositions instead of a general matrix square root, the
-    same value as ADM's scipy.linalg.sqrtm (to ~1e-6 relative) and ~10x faster at 2048 dims,
-    with no imaginary parts to discard."""
+    symmetric matrix: two eigendecompositions instead of a general matrix square root, with no
+    imaginary parts to discard. Measured against ADM's formula (scipy.linalg.sqrtm of S_a S_b)
+    on 2048-dim covariances of 10,000 vectors (benchmarks/frechet_distance.md): the same value
+    to 1.3e-12 relative or better, and 1.5x-9x faster on a 2-core CPU shared with other jobs."""
     diff = a.mu - b.mu
     sa, sb = torch.as_tensor(a.sigma, dtype=torch.float64), torch.as_tensor(b.sigma, dtype=torch.float64)
     values, vectors = torch.linalg.eigh(sa)
