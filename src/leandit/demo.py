@@ -142,9 +142,11 @@ def run_demo(
         x = generate(model, labels, sampler=SAMPLER, steps=s.sampling_steps, cfg_scale=CFG_SCALE, seed=0, batch_size=250,
                      progress=progress)
         images = to_uint8_images(x, spec.space)
-        slug = _slug(name)
+        # "oracle pruned" and "oracle recovered" must not share files: the pruned ones say so.
+        slug = _slug(name) + ("-pruned" if name.endswith(" pruned") else "")
         save_npz(folder / f"{slug}_samples.npz", images, labels.numpy())
-        save_grid(folder / f"{slug}_grid.png", images[: 10 * classes], ncols=classes)  # one class per column
+        save_grid(folder / f"{slug}_grid.png", images[: 10 * classes], ncols=classes,  # one class per column
+                  column_labels=[str(c) for c in range(classes)])
         metrics = all_metrics(extract_features(feature_net, images, progress=False), reference)
         return {"digits_" + k: v for k, v in metrics.items()} | {
             "class_agreement": class_agreement(to_digits_range(x), labels.numpy()), "samples": len(labels),
