@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -101,7 +102,7 @@ def main() -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads (shared with other jobs), "
         f"torch {torch.__version__}; {time.perf_counter() - started:.0f} s this invocation. Command: "
-        f"`OMP_NUM_THREADS=2 python benchmarks/diffusers_digits.py --prune-steps {args.prune_steps} --recover-steps "
+        f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/diffusers_digits.py --prune-steps {args.prune_steps} --recover-steps "
         f"{args.recover_steps} --seeds {args.seeds}`.",
         "",
         f"Each cell: mean ± half the range over sampling seeds {args.seeds} (1000 samples each, DDIM 50, no guidance). "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -171,8 +172,9 @@ def main() -> None:
     lines = [
         "# A tiny PixArt on the digits: trained, pruned 12 -> 6, recovered (text-conditioned path)",
         "",
-        f"Machine: {platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-        f"{time.perf_counter() - started:.0f} s this invocation. Command: `OMP_NUM_THREADS=2 python benchmarks/pixart_digits.py "
+        f"Machine: {platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads (shared with other jobs), "
+        f"torch {torch.__version__}; {time.perf_counter() - started:.0f} s this invocation. Command: "
+        f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/pixart_digits.py "
         f"--train-steps {args.train_steps} --train-batch {args.train_batch} --prune-steps {args.prune_steps} --recover-steps {args.recover_steps}`.",
         "",
         f"{10 * args.per_class} samples (DDIM 50, no guidance), digits-FID against the 1797 real digits with the shipped "
