@@ -314,6 +314,18 @@ def test_a_resume_with_another_setup_says_what_differs(model_dir, tmp_path, caps
     assert main([*learn, "--scheme", "1:2"]) == 0  # the same options continue it
 
 
+def test_a_run_started_before_a_config_field_existed_still_resumes(tmp_path):
+    """run.json of an older leandit lacks fields added since (time_freq_shift, mlp_norm_eps):
+    the run used their defaults, which is no difference."""
+    run = tmp_path / "run"
+    assert main(tiny_train_args(run, 4, "--stop-after", "1")) == 0
+    record = json.loads((run / "run.json").read_text())
+    for field in ("time_freq_shift", "mlp_norm_eps"):
+        del record["model_config"][field]
+    (run / "run.json").write_text(json.dumps(record))
+    assert main(tiny_train_args(run, 4)) == 0
+
+
 # -- 5. the fit of model and data ---------------------------------------------------------
 
 def test_the_whole_misfit_of_model_and_data_in_one_message(tmp_path, capsys):

@@ -296,8 +296,10 @@ def check_resume(out: Path, settings: dict[str, Any], model, keys: tuple[str, ..
         for k in keys if k in earlier and earlier.get(k) != now.get(k)
     ]
     saved_config, config = record.get("model_config") or {}, json.loads(json.dumps(backbone(model).describe()))
+    # A field the saved record lacks is newer than the run (its default is what the run used);
+    # only fields both know can differ.
     differences += [f"model {k}={_shown(saved_config.get(k))} (now {_shown(config.get(k))})"
-                    for k in sorted(set(saved_config) | set(config)) if k != "name" and saved_config.get(k) != config.get(k)]
+                    for k in sorted(set(saved_config) & set(config)) if k != "name" and saved_config.get(k) != config.get(k)]
     if differences:
         raise ValueError(f"cannot resume {out}: its checkpoints were made with {', '.join(differences)}; "
                          "use the same options to continue it, or a new --out")
