@@ -17,6 +17,7 @@ algorithm never writes `isinstance(model, DiT)` or reads `model.config.<field>`.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
@@ -87,7 +88,7 @@ class BackboneSpec:
         return {**data, "learn_sigma": self.learn_sigma, "conditioning": self.conditioning.to_dict()}
 
 
-class Backbone:
+class Backbone(ABC):
     """The adapter of one architecture, bound to one model (cheap to make: make one per use).
 
     Subclasses set `model_type` (the folder's model_type) and `block_list_names`, implement
@@ -108,12 +109,14 @@ class Backbone:
         self.model = model
 
     @classmethod
+    @abstractmethod
     def matches(cls, model: nn.Module) -> bool:
-        raise NotImplementedError
+        """Whether this adapter understands `model`."""
 
     @property
+    @abstractmethod
     def spec(self) -> BackboneSpec:
-        raise NotImplementedError
+        """The model's facts as data."""
 
     def block_lists(self) -> list[nn.ModuleList]:
         return [getattr(self.model, name) for name in self.block_list_names]
@@ -125,15 +128,16 @@ class Backbone:
             raise ValueError(f"{self.spec.family} has {len(self.block_list_names)} block lists: say which one")
         return getattr(self.model, self.block_list_names[0])
 
+    @abstractmethod
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, via: Callable | None = None, **kwargs: Any) -> torch.Tensor:
         """The prediction (N, C_out, H, W) for x_t (N, C, H, W), timesteps t (N,) and `cond`.
 
         `via` is what to call instead of the model itself (a DDP or gating wrapper that takes
         the model's own arguments); `kwargs` go to it (e.g. gate_noise)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def set_depth(self, depth: int) -> None:
-        raise NotImplementedError
+        """Record in the model's config that it now has `depth` blocks."""
 
     def pruning_notes(self, kept: list[int]) -> list[str]:
         """What keeping only blocks `kept` changes beyond removing the others (for the record)."""
@@ -155,15 +159,15 @@ class Backbone:
         return self.spec.to_dict()
 
     # -- the model folder ------------------------------------------------------------------
+    @abstractmethod
     def write_files(self, folder: Path, meta: Mapping[str, Any]) -> None:
         """Write the model's config and weights into the (existing, empty) folder; `meta` is
         leandit's own metadata (info, wrappers) to store beside them."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def read_files(cls, folder: Path, meta: Mapping[str, Any], weights_file: Path) -> nn.Module:
         """Build the model of a folder this adapter wrote, with the weights of `weights_file`."""
-        raise NotImplementedError
 
     @classmethod
     def weights_files(cls, folder: Path) -> tuple[str, str]:
