@@ -47,8 +47,15 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
+def _peel(model: nn.Module) -> nn.Module:
+    """The backbone inside registered compression wrappers (`leandit.models.wrappers`)."""
+    from ..models.wrappers import peel_wrappers
+
+    return peel_wrappers(model)[0]
+
+
 def find_adapter(model: nn.Module) -> type[Backbone] | None:
-    model = unwrap(model)
+    model = _peel(unwrap(model))
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter
@@ -60,13 +67,17 @@ def is_backbone(model: nn.Module) -> bool:
 
 
 def backbone(model: nn.Module) -> Backbone:
-    """The adapter of `model` (unwrapped from DDP / compile); a clear error for others."""
-    model = unwrap(model)
-    adapter = find_adapter(model)
+    """The adapter of `model` (unwrapped from DDP / compile); a clear error for others.
+
+    A backbone inside registered compression wrappers (a DyDiT model) is adapted as the
+    backbone it holds, and its calls go through the outermost wrapper."""
+    outer = unwrap(model)
+    inner = _peel(outer)
+    adapter = find_adapter(inner)
     if adapter is None:
         known = ["leandit DiT/SiT", *(f"diffusers {name}" for name in LAYOUTS)]
-        raise ValueError(f"{type(model).__name__} is not a backbone leandit can adapt; supported: {', '.join(known)}")
-    return adapter(model)
+        raise ValueError(f"{type(inner).__name__} is not a backbone leandit can adapt; supported: {', '.join(known)}")
+    return adapter(inner, outer)
 
 
 __all__ = [

@@ -105,8 +105,12 @@ class Backbone(ABC):
     # so per-block methods (LoRA, width) leave them alone.
     block_shared_modules: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, outer: nn.Module | None = None):
         self.model = model
+        # What a call of the model goes through: the model itself, or the registered
+        # compression wrapper around it (DyDiT routers, routing) whose forward takes the
+        # model's own arguments. `spec`, the blocks and the folder are the model's.
+        self.outer = outer if outer is not None else model
 
     @classmethod
     @abstractmethod
@@ -144,8 +148,23 @@ class Backbone(ABC):
         return []
 
     def prepare(self) -> nn.Module:
-        """Make the model safe to train with leandit; returns the model."""
-        return self.model
+        """Make the model safe to train with leandit; returns the model (with its wrappers)."""
+        return self.outer
+
+    def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """The model's embedding of the timesteps t (N,) alone, (N, hidden): what DyDiT's width
+        routers read. Architectures without one refuse."""
+        raise ValueError(
+            f"{self.spec.family} exposes no timestep embedding to leandit, so its width cannot follow the timestep "
+            "(DyDiT's width routers need one); use dynamic tokens only, or a leandit DiT/SiT (`leandit convert` makes one "
+            "from a diffusers DiT)"
+        )
+
+    def check_timestep_embedding(self) -> None:
+        """Refuse, with the reason, a model whose timestep embedding routers cannot read."""
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            self.timestep_embedding(self.example_inputs(1, device)[1])
 
     def example_inputs(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple:
         """(x, t, cond) of the right shapes and kinds, for counting and timing."""

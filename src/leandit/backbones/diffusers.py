@@ -78,8 +78,8 @@ class DiffusersBackbone(Backbone):
 
     model_type = "diffusers"
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, outer: nn.Module | None = None):
+        super().__init__(model, outer)
         self.layout = LAYOUTS[type(model).__name__]
         self.block_list_names = self.layout.block_lists
         self.block_shared_modules = self.layout.block_shared
@@ -116,7 +116,7 @@ class DiffusersBackbone(Backbone):
         )
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, via: Callable | None = None, **kwargs: Any) -> torch.Tensor:
-        call = via or self.model
+        call = via or self.outer
         if self.layout.conditioning == "class":
             out = call(hidden_states=x, timestep=t, class_labels=cond, return_dict=False, **kwargs)
         else:
@@ -171,7 +171,7 @@ class DiffusersBackbone(Backbone):
         for module in self.model.modules():
             if isinstance(module, LabelEmbedding):
                 module.dropout_prob = 0.0
-        return self.model
+        return self.outer
 
     def describe(self) -> dict[str, Any]:
         return {"_class_name": type(self.model).__name__, **dict(self.model.config), "leandit": leandit_info(self.model)}

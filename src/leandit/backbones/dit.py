@@ -49,7 +49,10 @@ class DiTBackbone(Backbone):
         )
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, via: Callable | None = None, **kwargs: Any) -> torch.Tensor:
-        return (via or self.model)(x, t, cond, **kwargs)  # (N, C_out, H, W)
+        return (via or self.outer)(x, t, cond, **kwargs)  # (N, C_out, H, W)
+
+    def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        return self.model.t_embedder(t)  # (N, D)
 
     def set_depth(self, depth: int) -> None:
         self.model.config = self.model.config.replace(depth=depth)

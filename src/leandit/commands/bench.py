@@ -14,7 +14,7 @@ import torch
 from ..evaluate.model_specs import open_spec
 from ..evaluate.plots import plot_speedup_curve
 from ..files import write_text_atomically
-from ..evaluate.speed import SpeedResult, compression_variants, measure_speed, process_peak_memory_mib
+from ..evaluate.speed import SpeedResult, compression_variants, measure_speed, process_peak_memory_mib, varies_with_timestep
 from ..train.distributed import resolve_device
 from .common import add_model_options, log, plural, si
 
@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=2, help="images per sampling step (default 2)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1 = no guidance (default 1.5: a step runs 2 x batch)")
     p.add_argument("--sampling-steps", type=int, default=250, help="steps of a full sampling run, for images/s (default 250, DiT's DDPM)")
+    p.add_argument("--trajectory", type=int, metavar="STEPS",
+                   help="time whole sampling runs of STEPS steps (DDIM for diffusion models, Euler for flow models, from "
+                   "fixed noise) and report the mean per step; FLOPs are then counted from what each model ran. Needed "
+                   "for dynamic (DyDiT) models, whose cost depends on the timestep and the image (default: single steps)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds; each times every model once, in turn (default 10)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto = bf16 autocast on GPUs, fp32 on CPU (default auto)")
@@ -65,12 +69,16 @@ def run(args: argparse.Namespace) -> int:
     models = [(spec, open_spec(spec, **load_options)) for spec in args.models]
     log(f"measuring {plural(len(models), 'model')} at batch {args.batch_size} on {device} ({precision}), "
         f"{plural(args.warmup, 'warm-up step')}, {plural(args.rounds, 'interleaved round')}")
+    if args.trajectory is None and any(varies_with_timestep(m) for _, m in models):
+        raise ValueError("a dynamic (DyDiT) model's cost depends on the timestep: pass --trajectory STEPS "
+                         "(e.g. --trajectory 50) to time whole sampling runs")
     results = measure_speed(models, args.batch_size, cfg_scale=args.cfg_scale, sampling_steps=args.sampling_steps,
-                            warmup=args.warmup, rounds=args.rounds, device=device, precision=precision)
+                            warmup=args.warmup, rounds=args.rounds, device=device, precision=precision,
+                            trajectory_steps=args.trajectory)
     if device.type == "cpu" and not args.no_memory:
         for result, spec in zip(results, args.models):
             result.peak_memory_mib = process_peak_memory_mib(spec, args.batch_size, args.cfg_scale, precision, load_options)
-    table = format_table(results, args.batch_size, args.cfg_scale, args.sampling_steps)
+    table = format_table(results, args.batch_size, args.cfg_scale, args.sampling_steps, args.trajectory)
     print(table)
     machine = describe_machine(device, precision)
     if args.out:
@@ -82,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_table(results: list[SpeedResult], batch_size: int, cfg_scale: float, sampling_steps: int) -> str:
+def format_table(results: list[SpeedResult], batch_size: int, cfg_scale: float, sampling_steps: int,
+                 trajectory: int | None = None) -> str:
     lines = [
         f"| model | blocks | parameters | FLOPs / step | latency / step (ms) | images/s ({sampling_steps} steps) | peak memory (MiB) | speed-up |",
         "|---|---|---|---|---|---|---|---|",
@@ -95,6 +104,9 @@ def format_table(results: list[SpeedResult], batch_size: int, cfg_scale: float, 
     guided = "with guidance (a step = one forward of 2 x batch)" if cfg_scale != 1.0 else "without guidance"
     lines += ["", f"Batch {batch_size}, {guided}; latency = median over interleaved rounds (± half the interquartile "
               "range); speed-up = latency of the first model / latency of this one, from the same run."]
+    if trajectory:
+        lines[-1] += (f" Each round timed a whole {trajectory}-step sampling run per model (DDIM / Euler from fixed noise): "
+                      "latency and FLOPs are means per step over it, FLOPs counted from the decisions each model made.")
     return "\n".join(lines)
 
 

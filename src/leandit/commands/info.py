@@ -34,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    c = backbone(model).spec
-    mlp = f", MLP x{model.config.mlp_ratio:g}" if hasattr(model.config, "mlp_ratio") else ""
+    adapter = backbone(model)
+    c = adapter.spec
+    config = getattr(adapter.model, "config", None)
+    mlp = f", MLP x{config.mlp_ratio:g}" if hasattr(config, "mlp_ratio") else ""
     print(f"model       {info['source']}")
     print(f"network     {c.family}, {c.depth} blocks, hidden {c.hidden_size}, {c.num_heads} heads{mlp}, "
           f"patch {c.patch_size}, {info['tokens']} tokens")
@@ -43,8 +45,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"objective   {c.objective}" + (" with learned sigma" if c.learn_sigma else ""))
     print(f"parameters  {info['parameters']:,} ({si(info['parameters'], digits=2)}) "
           f"+ {info['fixed_position_embedding']:,} fixed position-embedding values")
+    dynamic = info.get("dynamic")
     print(f"compute     {si(info['macs_per_forward'], 'MACs', 3)} = {si(info['flops_per_forward'], 'FLOPs', 3)} "
-          f"per forward at batch {args.batch_size}")
+          f"per forward at batch {args.batch_size}" + (" with every head, channel and token on" if dynamic else ""))
+    if dynamic:
+        heads = ", ".join(f"{v:g}" for v in dynamic["mean_heads_per_layer"])
+        groups = ", ".join(f"{v:g}" for v in dynamic["mean_groups_per_layer"])
+        print(f"dynamic     DyDiT ({dynamic['dynamic']}): {dynamic['width_macs_ratio_all_tokens']:.1%} of the MACs on average over "
+              "the trained timesteps with every token through the MLP (token skipping saves more; `leandit bench "
+              "--trajectory` measures it)")
+        print(f"widths      mean heads per block (of {dynamic['heads']}): {heads}")
+        print(f"            mean MLP groups per block (of {dynamic['groups']}): {groups}")
     history = info["compression"]
     if not history:
         print("compression none (an uncompressed model)")
@@ -54,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         line = f"compression {i}. {method}"
         if kept is not None:
             line += f": kept {len(kept)} of {record.get('source_depth', '?')} blocks {kept}"
+        elif method == "dydit":
+            line += f": target {record.get('target')} of the MACs ({record.get('steps', '?')} steps, --mix {record.get('loss', {}).get('mix', '?')})"
         elif method == "recovery":
             line += f" ({record.get('loss', {}).get('mix', '?')}, {record.get('steps', '?')} steps)"
             if record.get("teacher"):

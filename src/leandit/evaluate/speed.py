@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..backbones import ClassLabels, backbone
+from ..backbones import ClassLabels, backbone, unwrap
+from ..diffusion import make_objective
 from ..models.flops import count_parameters, forward_flops
 from .sampling import model_fn_for
 
@@ -52,8 +53,18 @@ def guides(model: nn.Module, cfg_scale: float) -> bool:
     return cfg_scale != 1.0 and (conditioning.has_null or conditioning.kind == "text")
 
 
-def sampling_step(model: nn.Module, batch_size: int, cfg_scale: float, device: torch.device, seed: int = 0) -> Callable[[], torch.Tensor]:
-    """A no-argument callable that runs one sampling step of `model` on fixed random inputs."""
+def varies_with_timestep(model: nn.Module) -> bool:
+    """Whether a model's cost per step depends on t and its inputs (a DyDiT model): its speed
+    is measured over whole sampling trajectories."""
+    return bool(getattr(unwrap(model), "varies_with_timestep", False))
+
+
+def sampling_step(
+    model: nn.Module, batch_size: int, cfg_scale: float, device: torch.device, seed: int = 0, trajectory_steps: int | None = None
+) -> Callable[[], torch.Tensor]:
+    """A no-argument callable that runs one sampling step of `model` on fixed random inputs,
+    or, with `trajectory_steps`, a whole sampling run of that many steps (the objective's
+    default sampler: DDIM for diffusion, Euler for flow) from fixed noise."""
     spec = backbone(model).spec
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, *spec.input_shape, generator=gen).to(device)
@@ -69,7 +80,23 @@ def sampling_step(model: nn.Module, batch_size: int, cfg_scale: float, device: t
                 "text_mask": example["text_mask"].expand(batch_size, -1).to(device)}
         conditioning = conditioning.with_null({"text": torch.zeros_like(example["text"][0]), "text_mask": example["text_mask"][0]})
     step = model_fn_for(model, cond, cfg_scale if guides(model, cfg_scale) else 1.0, conditioning=conditioning)
-    return lambda: step(x, t)
+    if trajectory_steps is None:
+        return lambda: step(x, t)
+    objective = make_objective(spec)
+    sampler = objective.default_sampler
+    return lambda: objective.sample(step, lambda: x, sampler=sampler, steps=trajectory_steps)
+
+
+def trajectory_macs(model: nn.Module, run: Callable[[], torch.Tensor], steps: int) -> float:
+    """Mean MACs per sampling step over one run of `run` (a trajectory of `steps` steps),
+    from the model's own count of what its decisions ran."""
+    inner = unwrap(model)
+    inner.mac_log = []
+    try:
+        run()
+        return sum(inner.mac_log) / steps
+    finally:
+        inner.mac_log = None
 
 
 def measure_speed(
@@ -83,8 +110,13 @@ def measure_speed(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     progress: Callable[[str], None] | None = None,
+    trajectory_steps: int | None = None,
 ) -> list[SpeedResult]:
     """Measure every model at the same settings, interleaved; speed-ups are over the first.
+
+    With `trajectory_steps` (needed when a model's cost varies with t, as a DyDiT model's
+    does) a round times a whole sampling run of that many steps per model and the latency is
+    per step of it; FLOPs are the mean per step over the run, counted from the decisions made.
 
     Args:
         cfg_scale: guidance scale; != 1 doubles the batch of each forward (for models with a
@@ -96,12 +128,17 @@ def measure_speed(
         raise ValueError("batch size, rounds and sampling steps must be at least 1, warm-up at least 0")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    if trajectory_steps is None and any(varies_with_timestep(m) for _, m in models):
+        raise ValueError("a dynamic model's cost depends on the timestep: measure it over sampling trajectories (--trajectory STEPS)")
+    if trajectory_steps is not None and trajectory_steps < 1:
+        raise ValueError(f"a trajectory needs at least 1 step, got {trajectory_steps}")
+    per_call = trajectory_steps or 1
     device = torch.device(device)
     cuda = device.type == "cuda"
     steps = []
     for name, model in models:
         model.eval().requires_grad_(False).to(device)
-        steps.append(sampling_step(model, batch_size, cfg_scale, device))
+        steps.append(sampling_step(model, batch_size, cfg_scale, device, trajectory_steps=trajectory_steps))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def timed(step: Callable[[], torch.Tensor]) -> float:
@@ -111,7 +148,7 @@ def measure_speed(
         step()
         if cuda:
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / per_call
 
     times: list[list[float]] = [[] for _ in models]
     peaks: list[float | None] = [None] * len(models)
@@ -132,8 +169,16 @@ def measure_speed(
             if progress:
                 progress(f"round {r + 1}/{rounds}")
 
+    flops = []
+    for (name, model), step in zip(models, steps):
+        guided = guides(model, cfg_scale)
+        if varies_with_timestep(model):
+            with torch.inference_mode(), autocast:
+                flops.append(int(2 * trajectory_macs(model, step, trajectory_steps)))
+        else:
+            flops.append(forward_flops(model, 2 * batch_size if guided else batch_size))
     results = []
-    for (name, model), samples, peak in zip(models, times, peaks):
+    for (name, model), samples, peak, step_flops in zip(models, times, peaks, flops):
         latency = statistics.median(samples)
         quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [latency] * 3
         guided = guides(model, cfg_scale)
@@ -141,7 +186,7 @@ def measure_speed(
             name=name,
             depth=backbone(model).spec.depth,
             parameters=count_parameters(model),
-            flops_per_step=forward_flops(model, 2 * batch_size if guided else batch_size),
+            flops_per_step=step_flops,
             latency_ms=latency * 1e3,
             latency_spread_ms=(quartiles[2] - quartiles[0]) / 2 * 1e3,
             images_per_s=batch_size / (latency * sampling_steps),

@@ -41,8 +41,11 @@ def count_parameters(model: nn.Module) -> int:
 def forward_flops(model: nn.Module, batch_size: int = 1) -> int:
     """FLOPs (2 per multiply-accumulate) of one forward of a backbone at `batch_size` (text
     models at the adapter's example prompt length)."""
-    from ..backbones import backbone
+    from ..backbones import backbone, unwrap
 
+    if getattr(unwrap(model), "varies_with_timestep", False):
+        raise ValueError("a dynamic model's FLOPs depend on the timestep and the image: count them over a sampling "
+                         "trajectory (`leandit bench --trajectory STEPS`), or count its dense backbone")
     _register_cpu_attention()
     meta_model = _meta_copy(model)
     adapter = backbone(meta_model)

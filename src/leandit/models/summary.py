@@ -12,8 +12,10 @@ from .flops import count_parameters, forward_flops
 def describe(model: nn.Module, batch_size: int = 1) -> dict:
     adapter = backbone(model)
     spec = adapter.spec
-    flops = forward_flops(model, batch_size)
-    return {
+    outer = adapter.outer
+    dynamic = outer.summary() if hasattr(outer, "summary") and getattr(outer, "varies_with_timestep", False) else None
+    flops = forward_flops(adapter.model, batch_size)  # a dynamic model's dense backbone: its upper bound
+    info = {
         "source": getattr(model, "source", None) or spec.name,
         "family": spec.family,
         "architecture": adapter.describe(),
@@ -26,3 +28,6 @@ def describe(model: nn.Module, batch_size: int = 1) -> dict:
         "macs_per_forward": flops // 2,
         "compression": getattr(model, "compression", None) or [],
     }
+    if dynamic is not None:
+        info["dynamic"] = dynamic
+    return info

@@ -20,6 +20,7 @@ it again in the same order. One format for every method: nothing new per method 
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -40,6 +41,8 @@ class WrapperType:
 
 
 WRAPPERS: dict[str, WrapperType] = {}
+# leandit's own methods register their wrappers when imported; a folder naming one imports it.
+BUILTIN_WRAPPERS: dict[str, str] = {"dydit": "leandit.compress.dynamic"}
 
 
 def register_wrapper(wrapper: WrapperType) -> WrapperType:
@@ -86,6 +89,8 @@ def apply_wrappers(model: nn.Module, records: list[dict[str, Any]], folder: Path
 
     for record in records:
         name = record.get("type")
+        if name not in WRAPPERS and name in BUILTIN_WRAPPERS:
+            importlib.import_module(BUILTIN_WRAPPERS[name])
         if name not in WRAPPERS:
             raise CheckpointError(
                 f"{folder}: the model is wrapped by {name!r}, which this leandit does not know "
