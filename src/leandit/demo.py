@@ -1,10 +1,12 @@
 """The end-to-end story on the embedded digits teacher, as stages that are reused when rerun.
 
 Prune the 12-block teacher to 6 blocks with learnable 1:2 (TinyFusion) and two baselines
-(ShortGPT, oracle), recover each with masked KD, sample every model, measure digits-FID and
-class agreement before and after recovery, measure speed side by side, and write
-`report.md` with one table and the sample grids. Pruning and recovery run through the same
-commands a user runs (`leandit prune`, `leandit finetune`), in process.
+(ShortGPT, oracle), recover each with masked KD, make it dynamic at half its MACs (DyDiT),
+sample every model, measure digits-FID and class agreement (before and after recovery for
+the pruned ones), measure speed side by side over whole sampling runs, and write
+`report.md` with one table and the sample grids. Pruning, recovery and DyDiT run through
+the same commands a user runs (`leandit prune`, `leandit finetune`, `leandit dynamic`), in
+process.
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ class DemoSettings:
 
     prune_steps: int = 1000
     recover_steps: int = 400
+    dynamic_steps: int = 400
+    dynamic_target: float = 0.5
     batch_size: int = 64
     samples_per_class: int = 100
     sampling_steps: int = 50
-    bench_rounds: int = 25
+    bench_rounds: int = 5
+    bench_trajectory: int = 10
 
 
 @dataclass
@@ -100,7 +105,7 @@ def stage_names() -> list[str]:
     for name in PRUNINGS:
         slug = _slug(name)
         names += [f"prune-{slug}", f"recover-{slug}", f"sample-{slug}-pruned", f"sample-{slug}-recovered"]
-    return [*names, "speed"]
+    return [*names, "dynamic-dydit", "sample-dydit", "speed"]
 
 
 def check_redo(redo) -> None:
@@ -188,14 +193,30 @@ def run_demo(
                                 lambda recover_dir=recover_dir, name=name: sample_and_score(f"{name} recovered", recover_dir / "model")),
         }
 
+    dynamic_dir = folder / "dynamic-dydit"
+    dydit = f"DyDiT {s.dynamic_target:g}"
+
+    def make_dynamic() -> dict[str, Any]:
+        shutil.rmtree(dynamic_dir, ignore_errors=True)
+        _cli("dynamic", str(teacher_dir), "--target", f"{s.dynamic_target:g}", "--steps", str(s.dynamic_steps),
+             "--batch-size", str(s.batch_size), "--out", str(dynamic_dir), "--device", str(device), *quiet)
+        return {"model": str(dynamic_dir / "model")}
+
+    dynamic_settings = {"model": teacher_id, "target": s.dynamic_target, "steps": s.dynamic_steps, "batch_size": s.batch_size}
+    stages.run("dynamic-dydit", dynamic_settings, make_dynamic)
+    rows[dydit] = {"dynamic": True, "after": stages.run("sample-dydit", {"dynamic": stages.stamp("dynamic-dydit"), **sample},
+                                                         lambda: sample_and_score(dydit, dynamic_dir / "model"))}
+
     def speed() -> dict[str, Any]:
         models = [("teacher", teacher)] + [(name, load_model(folder / f"recover-{_slug(name)}" / "model", device=device)) for name in PRUNINGS]
-        results = measure_speed(models, 250, cfg_scale=CFG_SCALE, sampling_steps=s.sampling_steps, warmup=2, rounds=s.bench_rounds,
-                                device=device)
+        models.append((dydit, load_model(dynamic_dir / "model", device=device)))
+        results = measure_speed(models, 250, cfg_scale=CFG_SCALE, sampling_steps=s.sampling_steps, warmup=1, rounds=s.bench_rounds,
+                                device=device, trajectory_steps=s.bench_trajectory)
         return {r.name: r.to_dict() for r in results}
 
-    speeds = stages.run("speed", {"models": [teacher_id, *[stages.stamp(f"recover-{_slug(n)}") for n in PRUNINGS]], "batch": 250,
-                                  "rounds": s.bench_rounds}, speed)
+    speeds = stages.run("speed", {"models": [teacher_id, *[stages.stamp(f"recover-{_slug(n)}") for n in PRUNINGS],
+                                             stages.stamp("dynamic-dydit")], "batch": 250, "rounds": s.bench_rounds,
+                                  "trajectory": s.bench_trajectory}, speed)
     report = folder / "report.md"
     write_text_atomically(report, _report(info, rows, speeds, s, time.perf_counter() - started))
     return report
@@ -207,7 +228,7 @@ def _cli(*args: str) -> None:
 
 
 def _slug(name: str) -> str:
-    return name.split()[0].lower() if name != "teacher" else "teacher"
+    return name.split()[0].lower() if name != "teacher" else "teacher"  # "DyDiT 0.5" -> "dydit"
 
 
 def _file_hash(path: Path) -> str:
@@ -224,9 +245,11 @@ def _report(info: dict, rows: dict, speeds: dict, s: DemoSettings, seconds: floa
         f"mask from {s.prune_steps} steps of `leandit prune --method learnable --scheme 1:2`"
         + (f", lowest group confidence {rows['learnable 1:2']['lowest_confidence']:.2f}: a short run; "
            "benchmarks/depth_pruning_digits.md has the 2000-step decision" if rows.get("learnable 1:2", {}).get("lowest_confidence") else "")
-        + ").",
+        + f"), and made dynamic at the same MACs instead: DyDiT (`leandit dynamic --target {s.dynamic_target:g}`, width "
+        f"routers on the timestep and token routers before each MLP, fine-tuned {s.dynamic_steps} steps at batch "
+        f"{s.batch_size} on its own loss).",
         "",
-        "| method | blocks kept | params | GFLOPs / forward | digits-FID before recovery | digits-FID after | "
+        "| method | blocks kept | params | MFLOPs / image / step | digits-FID before recovery | digits-FID after | "
         "class agreement after | speed-up |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -234,16 +257,22 @@ def _report(info: dict, rows: dict, speeds: dict, s: DemoSettings, seconds: floa
         after = row["after"]
         d = after["description"]
         before = f"{row['before']['digits_fid']:.2f}" if "before" in row else "–"
-        kept = str(row["kept"]) if "kept" in row else f"all {d['architecture']['depth']}"
-        lines.append(f"| {name} | {kept} | {d['parameters'] / 1e6:.2f} M | {d['flops_per_forward'] / 1e9:.4f} | {before} | "
+        if row.get("dynamic"):
+            kept = f"all {d['architecture']['depth']}, dynamic width and tokens"
+        else:
+            kept = str(row["kept"]) if "kept" in row else f"all {d['architecture']['depth']}"
+        flops = speeds[name]["flops_per_step"] / 250 / 1e6
+        lines.append(f"| {name} | {kept} | {d['parameters'] / 1e6:.2f} M | {flops:.2f} | {before} | "
                      f"{after['digits_fid']:.2f} | {after['class_agreement']:.1%} | {speeds[name]['speedup']:.2f}x |")
     lines += [
         "",
         f"digits-FID: the Frechet distance of a small CNN's features (shipped in `assets/digits-features`, 98.0 % held-out "
         f"accuracy) between {rows['teacher']['after']['samples']} class-balanced samples ({SAMPLER}, {s.sampling_steps} steps, "
         f"no guidance) and the 1797 real digits: comparable among these models only, not with Inception FID. Class "
-        "agreement: the share of samples an SVC trained on the real digits puts in the class asked for. Speed-up: median "
-        f"latency of a sampling step at batch 250 on this machine, measured side by side ({s.bench_rounds} interleaved rounds).",
+        "agreement: the share of samples an SVC trained on the real digits puts in the class asked for. FLOPs and speed-up: "
+        f"whole {s.bench_trajectory}-step {SAMPLER} sampling runs at batch 250 on this machine, every model timed in turn "
+        f"({s.bench_rounds} interleaved rounds); latency and FLOPs are means per step, a dynamic model's FLOPs counted from the "
+        "heads, channels and tokens it ran (its routers included). DyDiT is fine-tuned in one go, so it has no 'before'.",
         "",
         "Samples, one class per column (first 10 of each class):",
         "",

@@ -4,6 +4,9 @@
 with the baselines and any pruned model's mask marked (TinyFusion Figure 5), plus the raw
 numbers as CSV.
 
+`analyze widths`: what a dynamic (DyDiT) model runs: active heads and MLP groups per block
+over the timesteps and the measured share of tokens through each MLP (DyDiT Figures 5-6).
+
 `analyze activations`: every block's output distribution with its max, min and std
 (TinyFusion Figure 8) and the share of activations each outlier threshold k would drop, to
 choose k for masked RepKD.
@@ -44,12 +47,15 @@ HISTOGRAM = "calibration_histogram.png"
 TABLE = "calibration_losses.csv"
 ACTIVATIONS_PLOT = "activations.png"
 ACTIVATIONS_TABLE = "activations.csv"
+WIDTHS_PLOT = "widths.png"
+WIDTHS_TABLE = "widths.csv"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("analyze", help="analyses that guide compression (calibration losses of random masks, massive activations)")
     inner = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True,
-                             help="calibration: loss histogram of random masks; activations: block output histograms")
+                             help="calibration: loss histogram of random masks; activations: block output histograms; "
+                             "widths: what a DyDiT model runs over the timesteps")
     c = inner.add_parser(
         "calibration",
         help="calibration loss of K random masks, with baselines and pruned models marked",
@@ -88,6 +94,22 @@ def add_parser(sub) -> None:
     a.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     add_model_options(a)
     a.set_defaults(run=run_activations)
+
+    w = inner.add_parser(
+        "widths",
+        help="active heads and MLP groups per block over the timesteps, and tokens through each MLP, of a DyDiT model",
+        description=f"Write {WIDTHS_PLOT}: heat maps of the active attention heads and MLP groups of every block at every "
+        "trained timestep (read from the width routers: they depend on t alone) and of the share of tokens each block sends "
+        "through its MLP, measured on a calibration set of noised images binned by timestep; "
+        f"{WIDTHS_TABLE} holds the widths per block and timestep. Prints a summary per block.",
+    )
+    w.add_argument("model", help="a dynamic model folder (from `leandit dynamic`)")
+    w.add_argument("--out", type=Path, required=True, help=f"folder for {WIDTHS_PLOT} and {WIDTHS_TABLE}")
+    w.add_argument("--bins", type=int, default=20, help="timestep bins of the measured token shares (default 20)")
+    add_calibration_options(w)
+    w.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_model_options(w)
+    w.set_defaults(run=run_widths)
 
 
 def _marked_folders(specs: list[str], depth: int) -> dict[str, list[int]]:
@@ -216,3 +238,41 @@ def run_activations(args: argparse.Namespace) -> int:
             + "  ".join(f"{layer.beyond[k] * 100:>8.3f} %" for k in ks))
     log(f"wrote {args.out / ACTIVATIONS_PLOT}, {args.out / ACTIVATIONS_TABLE} and summary.json")
     return 0
+
+
+def run_widths(args: argparse.Namespace) -> int:
+    from ..evaluate.plots import plot_widths
+    from ..evaluate.widths import measure_token_shares, width_profile
+
+    if args.bins < 1:
+        raise ValueError(f"--bins must be at least 1, got {args.bins}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: pass a folder")
+    _check_sizes(args)
+    model = open_model(args.model, args)
+    profile = width_profile(model)  # refuses a model that is not dynamic, before any work
+    if backbone_outer(model).settings.tokens:
+        check_data_option(args.data)
+        dataset = open_training_data(args.data)
+        check_data_fits(model, dataset, args.data)
+        model.to(resolve_device(args.device))
+        calibration = make_calibration_set(model, dataset, args.calibration_size, args.calibration_seed)
+        profile.token_bins, profile.token_share = measure_token_shares(model, calibration, args.bins, args.eval_batch_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_csv(args.out / WIDTHS_TABLE, ["block", "timestep", "heads", "groups"], profile.rows())
+    path = Path(str(args.model).rstrip("/"))
+    name = f"{path.parent.name}/{path.name}" if path.name == "model" and path.parent.name else path.name
+    plot_widths(profile, args.out / WIDTHS_PLOT, title=f"{name}: what each block runs")
+    tokens = profile.token_share
+    print(f"{'block':>5} {'heads (mean)':>12} {'groups (mean)':>13} {'tokens through MLP':>18}")
+    for layer in range(profile.heads.shape[0]):
+        share = f"{np.nanmean(tokens[layer]) * 100:>17.1f}%" if tokens is not None else f"{'all':>18}"
+        print(f"{layer:>5} {profile.heads[layer].mean():>12.2f} {profile.groups[layer].mean():>13.2f} {share}")
+    log(f"wrote {args.out / WIDTHS_PLOT} and {args.out / WIDTHS_TABLE}")
+    return 0
+
+
+def backbone_outer(model):
+    from ..backbones import backbone
+
+    return backbone(model).outer

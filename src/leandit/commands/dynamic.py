@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..compress.recovery import MIXES
+from ..compress.recovery import MIXES, teacher_layers
 from ..data import open_training_data
 from ..models import save_model
 from ..models.blocks import depth_of
@@ -68,7 +68,7 @@ def add_parser(sub) -> None:
     method.add_argument("--dense-loss-steps", type=int, default=0,
                         help="first-stage steps that add the unmasked model's own loss (the paper: 30k of 150k; default 0)")
     method.add_argument("--router-lr", default="auto",
-                        help="AdamW learning rate of the routers; auto = the larger of --lr and 10 / --steps, so that the "
+                        help="AdamW learning rate of the routers; auto = the larger of --lr and 10 / --steps (at most 0.1), so that the "
                         "routers' biases (15 logits from skipping anything at the start) can move in a short run; "
                         "a paper-length run (150k steps) gets --lr (default auto)")
     method.add_argument("--regions", type=int, default=4, help="timestep regions stratified over each batch (default 4 of 250 steps)")
@@ -114,7 +114,7 @@ def _target_warmup(args: argparse.Namespace) -> int:
 
 def _router_lr(args: argparse.Namespace) -> float:
     if args.router_lr == "auto":
-        return max(args.lr, 10.0 / args.steps)
+        return max(args.lr, min(0.1, 10.0 / args.steps))
     try:
         return float(args.router_lr)
     except ValueError:
@@ -167,7 +167,13 @@ def run(args: argparse.Namespace) -> int:
             ema_decay=parse_ema_decay(args.ema_decay, lambda: ema_decay_for_steps(args.steps, maximum=0.9999)),
         )
         trainer = Trainer(config, args.out, dist=dist, progress=not args.quiet)
-        layers = list(range(depth_of(model))) if recovery.repkd_weight > 0 else None
+        layers = None
+        if recovery.repkd_weight > 0:  # each block distils from the teacher block it stands for
+            if depth_of(teacher) == depth_of(model):
+                layers = list(range(depth_of(model)))
+            else:
+                layers = teacher_layers(model.compression, getattr(teacher, "compression", []), depth_of(model),
+                                        depth_of(teacher), "segment")
         bf16 = trainer.uses_bf16() and dist.device.type == "cuda"
         job = DynamicJob(model, training, recovery, teacher=teacher, teacher_layers=layers,
                          teacher_dtype=torch.bfloat16 if bf16 and teacher is not None else None,

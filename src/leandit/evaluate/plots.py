@@ -175,3 +175,38 @@ def plot_speedup_curve(rows: Sequence[dict], out: str | Path, title: str | None 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def plot_widths(profile, out: str | Path, title: str | None = None) -> Path:
+    """What a DyDiT model runs (the paper's Figures 5-6): active heads and active MLP groups
+    per block over the timesteps as heat maps, and the measured share of tokens through each
+    block's MLP over timestep bins."""
+    plt = _pyplot()
+    panels = 3 if profile.token_share is not None else 2
+    depth = profile.heads.shape[0]
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 0.22 * depth + 2.4), dpi=110, squeeze=False)
+    t = profile.timesteps
+    extent = (float(t[0]), float(t[-1]), depth - 0.5, -0.5)
+    for ax, values, what in ((axes[0, 0], profile.heads, "active attention heads"), (axes[0, 1], profile.groups, "active MLP groups")):
+        image = ax.imshow(values, aspect="auto", interpolation="nearest", extent=extent, cmap="viridis",
+                          vmin=1, vmax=profile.num_heads)
+        ax.set_title(f"{what} (of {profile.num_heads})", fontsize=9)
+        ax.set_xlabel("timestep (0 = clean image)")
+        ax.set_ylabel("block")
+        ax.yaxis.set_major_locator(_integer_ticks())
+        bar = fig.colorbar(image, ax=ax)
+        bar.locator = _integer_ticks()
+        bar.update_ticks()
+    if profile.token_share is not None:
+        ax = axes[0, 2]
+        edges = profile.token_bins
+        image = ax.imshow(profile.token_share * 100, aspect="auto", interpolation="nearest", cmap="magma", vmin=0, vmax=100,
+                          extent=(float(edges[0]), float(edges[-1]), depth - 0.5, -0.5))
+        ax.set_title("tokens through the MLP (%, measured)", fontsize=9)
+        ax.set_xlabel("timestep (0 = clean image)")
+        ax.set_ylabel("block")
+        ax.yaxis.set_major_locator(_integer_ticks())
+        fig.colorbar(image, ax=ax)
+    fig.suptitle(title or "DyDiT: what each block runs over the timesteps", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
