@@ -140,9 +140,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--mix {args.mix} uses no teacher: drop --teacher, or choose --mix kd or masked-kd")
     dist = setup_distributed(args.device)
     try:
-        if args.dense_loss_steps and dist.distributed:
-            raise ValueError("--dense-loss-steps runs a second forward per step, which DDP does not allow: "
-                             "run the first stage on one process, or pass --dense-loss-steps 0")
         source = open_model(args.model, args)
         already = isinstance(source, DynamicModel)
         if already and (asdict_settings(source.settings) != asdict_settings(settings)):

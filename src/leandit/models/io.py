@@ -449,7 +449,11 @@ def write_model_files(
         if extra:
             meta["info"] = dict(extra)
         if wrappers:
-            meta["wrappers"] = write_wrappers(folder, wrappers)
+            # The tables describe the weights load_model gives by default: the EMA's when there is one.
+            ema_layers = peel_wrappers(ema)[1] if isinstance(ema, nn.Module) else None
+            if ema_layers is not None and [w for w, _ in ema_layers] != [w for w, _ in wrappers]:
+                ema_layers = None
+            meta["wrappers"] = write_wrappers(folder, wrappers, ema_layers)
         adapter(inner).write_files(folder, meta)
     if ema is not None:
         ema_sd = ema.state_dict() if isinstance(ema, nn.Module) else ema

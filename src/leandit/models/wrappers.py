@@ -68,13 +68,18 @@ def peel_wrappers(model: nn.Module) -> tuple[nn.Module, list[tuple[WrapperType, 
     return model, layers[::-1]
 
 
-def write_wrappers(folder: Path, layers: list[tuple[WrapperType, nn.Module]]) -> list[dict[str, Any]]:
-    """Write each wrapper's tensors; the records to store in the folder's metadata."""
+def write_wrappers(
+    folder: Path, layers: list[tuple[WrapperType, nn.Module]], table_layers: list[tuple[WrapperType, nn.Module]] | None = None
+) -> list[dict[str, Any]]:
+    """Write each wrapper's tensors; the records to store in the folder's metadata. Tables
+    come from `table_layers` when given (the EMA copy's: what `load_model` gives by default)."""
     from .io import save_tensors
 
     records = []
     for i, (wrapper, module) in enumerate(layers):
         tensors, table = wrapper.state(module)
+        if table_layers is not None:
+            table = wrapper.state(table_layers[i][1])[1]
         record: dict[str, Any] = {"type": wrapper.name, "table": table}
         if tensors:
             record["weights"] = f"wrapper-{i}-{wrapper.name}.safetensors"
