@@ -211,6 +211,28 @@ def test_leandit_dynamic_fine_tunes_a_diffusers_dit_folder(tmp_path):
     x, t, y = _inputs("dit")
     model.eval()
     assert torch.isfinite(backbone(model).predict(x, t, y)).all()
+    assert main(["info", str(tmp_path / "run" / "model")]) == 0
+
+
+def test_a_dynamic_pixart_trains_on_captions_with_the_empty_prompt_and_saves(tmp_path):
+    from diffusers_models import CaptionedDigits
+
+    from leandit.commands.common import data_conditioning
+    from leandit.compress.dynamic.job import DynamicJob, DynamicTraining
+    from leandit.compress.recovery import RecoverySettings
+    from leandit.train import LoopConfig, Trainer
+
+    dynamic = DynamicModel(_model("pixart"))
+    data = CaptionedDigits()
+    plain = RecoverySettings(kd_weight=0.0, diffusion_weight=1.0, repkd_weight=0.0)  # label dropout 0.1
+    job = DynamicJob(dynamic, DynamicTraining(target=0.9), plain, conditioning=data_conditioning(dynamic, data))
+    before = {k: v.clone() for k, v in dynamic.dynamic_blocks.state_dict().items()}
+    config = LoopConfig(steps=2, global_batch_size=4, ema_decay=None, log_every=1, precision="fp32", checkpoint_every=2)
+    result = Trainer(config, tmp_path / "run", device="cpu", progress=False).fit(job, data)
+    assert result.steps == 2
+    assert any(not torch.equal(before[k], v) for k, v in dynamic.dynamic_blocks.state_dict().items())
+    loaded = leandit.load_model(leandit.save_model(dynamic, tmp_path / "m"))
+    assert isinstance(loaded, DynamicModel) and type(loaded.backbone).__name__ == "PixArtTransformer2DModel"
 
 
 def test_blocks_it_does_not_compute_exactly_are_refused():
