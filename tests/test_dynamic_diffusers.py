@@ -202,10 +202,10 @@ def test_leandit_dynamic_fine_tunes_a_diffusers_dit_folder(tmp_path):
 
     folder = leandit.save_model(_model("dit"), tmp_path / "dit")
     assert main(["dynamic", str(folder), "--target", "0.9", "--out", str(tmp_path / "run"), "--steps", "2",
-                 "--batch-size", "4", "--target-warmup", "0", "--quiet"]) == 0
+                 "--batch-size", "4", "--target-warmup", "0", "--reorder", "magnitude", "--quiet"]) == 0
     model = leandit.load_model(tmp_path / "run" / "model")
     assert isinstance(model, DynamicModel) and type(model.backbone).__name__ == "DiTTransformer2DModel"
-    assert model.compression[-1]["method"] == "dydit"
+    assert model.compression[-1]["method"] == "dydit" and model.compression[-1]["reordered"]
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("macs_ratio" in m for m in metrics)
     x, t, y = _inputs("dit")
@@ -233,6 +233,23 @@ def test_a_dynamic_pixart_trains_on_captions_with_the_empty_prompt_and_saves(tmp
     assert any(not torch.equal(before[k], v) for k, v in dynamic.dynamic_blocks.state_dict().items())
     loaded = leandit.load_model(leandit.save_model(dynamic, tmp_path / "m"))
     assert isinstance(loaded, DynamicModel) and type(loaded.backbone).__name__ == "PixArtTransformer2DModel"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_importance_reordering_of_diffusers_blocks_is_exact(family):
+    from leandit.compress.dynamic.importance import reorder_by_importance
+
+    model = _model(family).eval()
+    x, t, cond = _inputs(family)
+    with torch.no_grad():
+        before = backbone(model).predict(x, t, cond)
+        orders = reorder_by_importance(model)
+        after = backbone(model).predict(x, t, cond)
+    assert len(orders) == 4 and any(o["heads"] != [0, 1, 2, 3] for o in orders)
+    assert torch.allclose(after, before, atol=1e-5, rtol=0)
+    attn = model.transformer_blocks[0].attn1
+    v = attn.to_v.weight.reshape(4, -1).norm(dim=1) * attn.to_out[0].weight.reshape(16, 4, 4).permute(1, 0, 2).flatten(1).norm(dim=1)
+    assert torch.equal(v, v.sort(descending=True).values)  # head 0 (always on) is now the strongest
 
 
 def test_blocks_it_does_not_compute_exactly_are_refused():

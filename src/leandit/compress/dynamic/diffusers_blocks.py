@@ -302,6 +302,34 @@ class DiffusersDynamicBlock(nn.Module):
         return self._slices[key]
 
 
+@torch.no_grad()
+def reorder_block(block: nn.Module) -> tuple[list[int], list[int]]:
+    """`leandit.compress.dynamic.importance.reorder_block` for a diffusers block: its
+    self-attention heads (to_q/to_k/to_v rows and to_out[0] columns together) and feed-forward
+    channels (ff.net[0].proj rows, ff.net[2] columns) sorted by the same weight-magnitude
+    importance, in place (exact up to rounding); (head order, channel order) as old indices."""
+    check_block(block)
+    attn, net = block.attn1, block.ff.net
+    h = attn.heads
+    dh = attn.to_q.out_features // h
+    out = attn.to_out[0].weight  # (D, H*Dh)
+    importance = attn.to_v.weight.reshape(h, -1).norm(dim=1) * out.reshape(out.shape[0], h, dh).permute(1, 0, 2).flatten(1).norm(dim=1)
+    heads = torch.argsort(importance, descending=True, stable=True)
+    cols = (heads[:, None] * dh + torch.arange(dh)).reshape(-1)  # new -> old
+    for layer in (attn.to_q, attn.to_k, attn.to_v):
+        layer.weight.copy_(layer.weight[cols])
+        if layer.bias is not None:
+            layer.bias.copy_(layer.bias[cols])
+    out.copy_(out[:, cols])
+    proj, down = net[0].proj, net[2]
+    channels = torch.argsort(proj.weight.norm(dim=1) * down.weight.norm(dim=0), descending=True, stable=True)
+    proj.weight.copy_(proj.weight[channels])
+    if proj.bias is not None:
+        proj.bias.copy_(proj.bias[channels])
+    down.weight.copy_(down.weight[:, channels])
+    return heads.tolist(), channels.tolist()
+
+
 def _take(value: Any, images: torch.Tensor, n: int) -> Any:
     """The rows of `images` of a per-image input (batch-first tensors of batch n); others as they are."""
     if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == n:
@@ -311,4 +339,4 @@ def _take(value: Any, images: torch.Tensor, n: int) -> Any:
 
 register_dynamic_block(BasicTransformerBlock, DiffusersDynamicBlock)
 
-__all__ = ["DiffusersDynamicBlock", "check_block"]
+__all__ = ["BasicTransformerBlock", "DiffusersDynamicBlock", "check_block", "reorder_block"]
