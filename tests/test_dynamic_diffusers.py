@@ -113,6 +113,21 @@ def test_sliced_inference_equals_masked_training_with_mixed_widths_and_tokens(fa
     assert not torch.allclose(sliced, backbone(dynamic).predict(x, t, cond, dense=True), atol=1e-3)
 
 
+def test_pixarts_self_attention_mask_is_honoured_by_both_paths():
+    model = _model("pixart").eval()
+    x, t, cond = _inputs("pixart")
+    image_mask = torch.ones(4, 16, dtype=torch.long)
+    image_mask[:, 10:] = 0
+    with torch.no_grad():
+        dense = backbone(model).predict(x, t, cond, attention_mask=image_mask)
+        dynamic = DynamicModel(model).eval()
+        assert torch.allclose(backbone(dynamic).predict(x, t, cond, attention_mask=image_mask), dense, atol=1e-6, rtol=0)
+        _scramble_routers_(dynamic)
+        sliced = backbone(dynamic).predict(x, t, cond, attention_mask=image_mask)
+        masked = backbone(dynamic.train()).predict(x, t, cond, attention_mask=image_mask)
+    assert torch.allclose(sliced, masked, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_dynamic_training_step_reaches_every_router(family):
     from leandit.compress.dynamic.job import DynamicJob, DynamicTraining
