@@ -60,10 +60,10 @@ class BasicTransformerBlock(metaclass=_DiffusersBlockMeta):
 
 def check_block(block: nn.Module) -> None:
     """Refuse, with the reason, a diffusers block this wrapper does not compute exactly."""
-    from diffusers.models.activations import GELU
-
     if not isinstance(block, BasicTransformerBlock):
         raise TypeError(f"DiffusersDynamicBlock wraps diffusers BasicTransformerBlocks; got {type(block).__name__}")
+    from diffusers.models.activations import GELU
+
     where = "DyDiT on a diffusers BasicTransformerBlock"
     if block.norm_type not in NORM_TYPES:
         raise ValueError(f"{where} supports norm_type {' and '.join(NORM_TYPES)} (DiT, PixArt); this block has {block.norm_type!r}")
@@ -71,7 +71,8 @@ def check_block(block: nn.Module) -> None:
         raise ValueError(f"{where}: blocks with positional embeddings, only cross-attention or a GLIGEN fuser are not supported")
     _check_attention(block.attn1, where)
     if not isinstance(block.ff.net[0], GELU):
-        raise ValueError(f"{where} needs a GELU feed-forward (DiT's and PixArt's gelu-approximate); got {type(block.ff.net[0]).__name__}")
+        raise ValueError(f"{where} needs a GELU feed-forward (DiT's and PixArt's gelu-approximate); "
+                         f"got {type(block.ff.net[0]).__name__}")
 
 
 def _check_attention(attn: nn.Module, where: str) -> None:
@@ -313,7 +314,9 @@ def reorder_block(block: nn.Module) -> tuple[list[int], list[int]]:
     h = attn.heads
     dh = attn.to_q.out_features // h
     out = attn.to_out[0].weight  # (D, H*Dh)
-    importance = attn.to_v.weight.reshape(h, -1).norm(dim=1) * out.reshape(out.shape[0], h, dh).permute(1, 0, 2).flatten(1).norm(dim=1)
+    values = attn.to_v.weight.reshape(h, -1).norm(dim=1)  # (H,) value rows per head
+    writes = out.reshape(out.shape[0], h, dh).permute(1, 0, 2).flatten(1).norm(dim=1)  # (H,) to_out columns per head
+    importance = values * writes
     heads = torch.argsort(importance, descending=True, stable=True)
     cols = (heads[:, None] * dh + torch.arange(dh)).reshape(-1)  # new -> old
     for layer in (attn.to_q, attn.to_k, attn.to_v):
