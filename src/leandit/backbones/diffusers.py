@@ -45,6 +45,8 @@ class DiffusersLayout:
         block_lists: attributes holding the blocks, in the order they run.
         depth_fields: the config field recording each list's length.
         block_shared: sub-modules of each block that copy a model-wide embedder.
+        timestep_embedder: the module (a path from the model) whose `time_proj` and
+            `timestep_embedder` embed the timestep alone (what DyDiT's width routers read).
     """
 
     family: str
@@ -53,12 +55,14 @@ class DiffusersLayout:
     block_lists: tuple[str, ...] = ("transformer_blocks",)
     depth_fields: tuple[str, ...] = ("num_layers",)
     block_shared: tuple[str, ...] = ()
+    timestep_embedder: str = ""
 
 
 LAYOUTS: dict[str, DiffusersLayout] = {
     # Each block holds a copy of the time and class embedders; the output head reads block 0's.
-    "DiTTransformer2DModel": DiffusersLayout("diffusers DiT", "class", "num_embeds_ada_norm", block_shared=("norm1.emb",)),
-    "PixArtTransformer2DModel": DiffusersLayout("PixArt", "text", "caption_channels"),
+    "DiTTransformer2DModel": DiffusersLayout("diffusers DiT", "class", "num_embeds_ada_norm", block_shared=("norm1.emb",),
+                                             timestep_embedder="transformer_blocks.0.norm1.emb"),
+    "PixArtTransformer2DModel": DiffusersLayout("PixArt", "text", "caption_channels", timestep_embedder="adaln_single.emb"),
 }
 
 
@@ -140,6 +144,17 @@ class DiffusersBackbone(Backbone):
         resolution = torch.tensor([h * 8, w * 8], dtype=x.dtype, device=x.device).repeat(n, 1)
         aspect = torch.tensor([h / w], dtype=x.dtype, device=x.device).repeat(n, 1)
         return {"resolution": resolution, "aspect_ratio": aspect}
+
+    def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep part of the model's conditioning, (N, hidden): DiT's time embedder
+        without the class embedding (block 0's copy, the one the output head reads); PixArt's
+        adaLN-single embedding of t (`embedded_timestep` without the size conditions, before
+        the 6 x hidden projection)."""
+        if not self.layout.timestep_embedder:
+            return super().timestep_embedding(t)
+        emb = self.model.get_submodule(self.layout.timestep_embedder)
+        dtype = emb.timestep_embedder.linear_1.weight.dtype  # the model's hidden dtype
+        return emb.timestep_embedder(emb.time_proj(t).to(dtype=dtype))  # (N, D)
 
     def set_depth(self, depth: int) -> None:
         if len(self.layout.depth_fields) != 1:

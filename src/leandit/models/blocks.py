@@ -23,11 +23,10 @@ BLOCK_LIST_NAMES = ("blocks", "transformer_blocks")
 
 
 def block_list_name(model: nn.Module) -> str:
-    from ..backbones import find_adapter
+    from ..backbones import backbone, find_adapter
 
-    adapter = find_adapter(model)
-    if adapter is not None:
-        names = adapter(model).block_list_names
+    if find_adapter(model) is not None:
+        names = backbone(model).block_list_names  # the backbone's, inside DDP or compression wrappers
         if len(names) != 1:
             raise ValueError(f"{type(model).__name__} has {len(names)} block lists ({', '.join(names)}): depth methods need one")
         return names[0]

@@ -10,6 +10,7 @@ from .model import DYNAMIC_BLOCKS, DynamicModel, DynamicSettings, default_timest
 from .saving import build_saved, saved_state
 
 register_dynamic_block(DiTBlock, DynamicBlock)
+from . import diffusers_blocks  # noqa: E402,F401  diffusers' DiT/PixArt blocks (imports diffusers only when one exists)
 register_wrapper(WrapperType(name="dydit", cls=DynamicModel, inner=lambda w: w.backbone, state=saved_state, build=build_saved))
 
 __all__ = ["DYNAMIC_BLOCKS", "register_dynamic_block", "DynamicBlock", "DynamicModel", "DynamicSettings", "MacCounter", "default_timesteps"]

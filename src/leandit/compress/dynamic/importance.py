@@ -55,11 +55,17 @@ def reorder_block(block: DiTBlock) -> tuple[list[int], list[int]]:
 
 
 def reorder_by_importance(model: nn.Module) -> list[dict[str, list[int]]]:
-    """Reorder every block of a leandit DiT in place (before wrapping it); the orders applied."""
+    """Reorder every block of a leandit DiT (or a diffusers DiT / PixArt) in place (before wrapping it); the orders applied."""
+    from .diffusers_blocks import BasicTransformerBlock, reorder_block as reorder_diffusers_block
+
     orders = []
     for block in block_list(model):
+        if isinstance(block, BasicTransformerBlock):  # diffusers DiT / PixArt
+            heads, channels = reorder_diffusers_block(block)
+            orders.append({"heads": heads, "channels": channels})
+            continue
         if not isinstance(block, DiTBlock):
-            raise TypeError(f"importance reordering works on leandit DiT blocks, not {type(block).__name__}")
+            raise TypeError(f"importance reordering works on leandit DiT and diffusers DiT/PixArt blocks, not {type(block).__name__}")
         heads, channels = reorder_block(block)
         orders.append({"heads": heads, "channels": channels})
     return orders
