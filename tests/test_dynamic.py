@@ -323,3 +323,17 @@ def test_sliced_inference_equals_the_masked_forward_with_mixed_patterns_in_one_b
     with torch.no_grad():
         assert (sliced - model.backbone(x, t, y)).abs().max() > 1e-3
 
+
+def test_sliced_weights_follow_updated_weights():
+    """A cached slice must not outlive the weights it was cut from: after an in-place update of
+    any sliced weight or bias, inference still equals the masked forward."""
+    model = mixed_model(TDW).eval()
+    x, t, y = inputs(6)
+    with torch.no_grad():
+        model(x, t, y)  # fill the caches
+        block = model.dynamic_blocks[0].block
+        for p in (block.attn.proj.weight, block.mlp.fc2.weight, block.attn.qkv.bias, block.mlp.fc1.bias, block.attn.qkv.weight):
+            p.mul_(1.5)  # as an optimizer step or load_state_dict does: in place
+            sliced = model(x, t, y)  # still in eval mode: nothing cleared the caches
+            masked = copy.deepcopy(model).train()(x, t, y)
+            torch.testing.assert_close(sliced, masked, rtol=1e-5, atol=1e-5)
