@@ -76,6 +76,10 @@ def mix_routers_(model: DynamicModel, seed: int = 1) -> DynamicModel:
     return model
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def mixed_model(settings: DynamicSettings = BOTH, depth: int = 3) -> DynamicModel:
     return mix_routers_(DynamicModel(dense_dit(depth), settings))
 
@@ -272,24 +276,33 @@ def test_mac_count_of_the_decisions_matches_torchs_flop_counter(name):
         assert float(model.last_macs[0]) == pytest.approx(float(macs[i]), rel=1e-12)
 
 
-def test_mac_count_of_the_dense_model_and_the_cheapest_decisions():
+@pytest.mark.parametrize("name", SETTINGS)
+def test_mac_count_of_the_dense_model_and_the_cheapest_decisions(name):
     from leandit.models.flops import forward_flops
 
-    model = DynamicModel(dense_dit())
+    model = DynamicModel(dense_dit(), SETTINGS[name])
     counter = model.macs
     assert counter.dense_total == forward_flops(model.backbone, 1) // 2
-    # Everything off but head 0 and group 0, no token through any MLP: the floor.
+    # Every router as closed as it goes: head 0 and group 0 only, no token through an MLP
+    # (with only one of TDW / SDT, the other stays dense): the floor minimum_ratio() promises.
     with torch.no_grad():
         for block in model.dynamic_blocks:
-            block.width_routers.heads.bias.fill_(-50)
-            block.width_routers.groups.bias.fill_(-50)
-            block.token_router.net[2].bias.fill_(-100)
+            if block.width_routers is not None:
+                block.width_routers.heads.bias.fill_(-50)
+                block.width_routers.groups.bias.fill_(-50)
+            if block.token_router is not None:
+                block.token_router.net[2].bias.fill_(-100)
     x, t, y = inputs(3)
-    with torch.no_grad():
+    from leandit.models.flops import _register_cpu_attention
+
+    _register_cpu_attention()
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
         out = model.eval()(x, t, y)
     assert torch.isfinite(out).all()
-    assert counter.ratio(model.last_macs).tolist() == pytest.approx([counter.minimum_ratio()] * 3, rel=1e-12)
-    assert 0 < counter.minimum_ratio() < 1
+    floor = counter.minimum_ratio()
+    assert counter.ratio(model.last_macs).tolist() == pytest.approx([floor] * 3, rel=1e-12)
+    assert flops.get_total_flops() / 2 / 3 / counter.dense_total == pytest.approx(floor, rel=1e-12)
+    assert 0 < floor < 1
 
 
 # -- 4. sliced inference = masked training forward -----------------------------------------
@@ -337,3 +350,201 @@ def test_sliced_weights_follow_updated_weights():
             sliced = model(x, t, y)  # still in eval mode: nothing cleared the caches
             masked = copy.deepcopy(model).train()(x, t, y)
             torch.testing.assert_close(sliced, masked, rtol=1e-5, atol=1e-5)
+
+
+# -- 5. the model folder: routers, the width table, EMA ------------------------------------
+
+def test_routers_and_width_table_round_trip_through_the_model_folder(tmp_path):
+    model = mixed_model(BOTH)
+    folder = leandit.save_model(model, tmp_path / "model")
+    assert (folder / "wrapper-0-dydit.safetensors").exists()
+    loaded = leandit.load_model(folder)
+    assert isinstance(loaded, DynamicModel) and loaded.settings == model.settings
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    table = model.width_table()
+    assert loaded.width_table() == table
+    assert len(table["timesteps"]) == 1000 and len(table["heads"]) == model.depth
+    assert len({h for row in table["heads"] for h in row}) > 1  # the table is not trivial
+    import json
+
+    saved = json.loads((folder / "config.json").read_text())["wrappers"][0]["table"]
+    assert saved["width_table"] == table and saved["settings"] == {"width": True, "tokens": True, "tau": 5.0}
+    x, t, y = inputs(6)
+    with torch.no_grad():
+        noise = torch.rand(6, model.noise_size)
+        assert torch.equal(loaded.train()(x, t, y, router_noise=noise), model.train()(x, t, y, router_noise=noise))
+        # Inference computes the adaLN modulation per width pattern (a few images at a time), where
+        # the float summation order of a matrix-vector product follows the weights' memory
+        # alignment (a loaded folder's tensors sit at other offsets): equal to float tolerance.
+        same(loaded.eval()(x, t, y), model.eval()(x, t, y))
+        assert torch.equal(loaded.last_macs, model.last_macs)
+    # The backbone's own files stay a plain model: the dense model loads from them alone.
+    assert not any("router" in k for k in leandit.load_model(folder, weights="model").backbone.state_dict())
+
+
+@pytest.mark.parametrize("name", ["TDW", "SDT"])
+def test_one_sided_settings_round_trip(tmp_path, name):
+    model = mixed_model(SETTINGS[name])
+    loaded = leandit.load_model(leandit.save_model(model, tmp_path / "model"))
+    assert loaded.settings == model.settings
+    x, t, y = inputs(4)
+    with torch.no_grad():
+        same(loaded.eval()(x, t, y), model.eval()(x, t, y))
+        assert torch.equal(loaded.last_macs, model.last_macs)
+
+
+def test_ema_weights_of_a_dynamic_model_cover_its_routers(tmp_path):
+    model = mixed_model(BOTH)
+    ema = mix_routers_(copy.deepcopy(model), seed=7)  # other routers, other widths
+    with torch.no_grad():
+        for p in ema.backbone.parameters():
+            p.mul_(0.9)
+    assert ema.width_table() != model.width_table()
+    folder = leandit.save_model(model, tmp_path / "model", ema=ema)
+    auto, raw = leandit.load_model(folder), leandit.load_model(folder, weights="model")
+    for loaded, source in ((auto, ema), (raw, model)):
+        assert all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.state_dict().items())
+        assert loaded.width_table() == source.width_table()
+    x, t, y = inputs(4)
+    with torch.no_grad():
+        same(auto.eval()(x, t, y), ema.eval()(x, t, y))
+        assert torch.equal(auto.last_macs, ema.last_macs)
+
+
+@pytest.mark.xfail(strict=True, reason="saved_state() writes the width table of the model's own weights, while "
+                   "load_model() loads the EMA weights by default: the folder's table describes the other routers")
+def test_the_folders_width_table_describes_the_model_load_model_gives(tmp_path):
+    import json
+
+    model = mixed_model(BOTH)
+    ema = mix_routers_(copy.deepcopy(model), seed=7)
+    folder = leandit.save_model(model, tmp_path / "model", ema=ema)
+    saved = json.loads((folder / "config.json").read_text())["wrappers"][0]["table"]["width_table"]
+    assert saved == leandit.load_model(folder).width_table()
+
+
+# -- 7. bad inputs: one-line errors -------------------------------------------------------
+
+def one_line(err) -> str:
+    text = str(err.value)
+    assert text and "\n" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("target", [0.0, -0.5, 1.5, float("nan"), float("inf")])
+def test_a_target_outside_zero_to_one_is_refused(target):
+    with pytest.raises(ValueError) as err:
+        DynamicTraining(target=target)
+    assert "(0, 1]" in one_line(err)
+
+
+def test_a_target_below_what_the_model_can_reach_is_refused():
+    model = DynamicModel(dense_dit())
+    floor = model.macs.minimum_ratio()
+    with pytest.raises(ValueError) as err:
+        DynamicJob(model, DynamicTraining(target=floor * 0.9), RecoverySettings.from_mix("plain"))
+    assert "below what this model can reach" in one_line(err)
+    DynamicJob(model, DynamicTraining(target=min(1.0, floor * 1.01)), RecoverySettings.from_mix("plain"))
+    # Without token skipping the floor is higher (every token goes through group 0's MLP), and
+    # a target between the two floors is refused for a TDW-only model.
+    width_only = DynamicModel(dense_dit(), TDW)
+    assert width_only.macs.minimum_ratio() > floor * 1.05
+    with pytest.raises(ValueError) as err:
+        DynamicJob(width_only, DynamicTraining(target=floor * 1.05), RecoverySettings.from_mix("plain"))
+    assert "at every token" in one_line(err)
+
+
+def test_a_model_without_a_timestep_embedding_cannot_have_dynamic_width():
+    from diffusers_models import tiny_diffusers_dit
+
+    from leandit.backbones import backbone as adapter_of
+
+    model = tiny_diffusers_dit(depth=2)
+    with pytest.raises(ValueError) as expected:
+        adapter_of(model).timestep_embedding(torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError) as err:
+        DynamicModel(model)
+    assert one_line(err) == one_line(expected) and "timestep embedding" in str(err.value)
+    with pytest.raises(ValueError) as err:  # tokens only: diffusers' blocks are not ones DyDiT runs
+        DynamicModel(model, SDT)
+    assert "cannot run" in one_line(err)
+
+
+def test_bad_router_noise_and_settings_are_refused():
+    model = DynamicModel(dense_dit()).train()
+    x, t, y = inputs(2)
+    with pytest.raises(ValueError) as err:
+        model(x, t, y, router_noise=torch.rand(2, model.noise_size - 1))
+    assert str(model.noise_size) in one_line(err)
+    with pytest.raises(ValueError):
+        DynamicSettings(width=False, tokens=False)
+    with pytest.raises(ValueError):
+        DynamicSettings(tau=0.0)
+    with pytest.raises(ValueError):
+        DynamicSettings(tau=float("nan"))
+
+
+@pytest.fixture
+def saved_dynamic(tmp_path):
+    model = mixed_model(BOTH, depth=2)
+    folder = leandit.save_model(model, tmp_path / "model")
+    return folder, folder / "wrapper-0-dydit.safetensors"
+
+
+def _refused(folder, *words) -> None:
+    with pytest.raises(leandit.models.infer.CheckpointError) as err:
+        leandit.load_model(folder)
+    text = one_line(err)
+    assert all(w in text for w in words), text
+
+
+def test_a_truncated_router_file_is_a_one_line_checkpoint_error(saved_dynamic):
+    folder, routers = saved_dynamic
+    data = routers.read_bytes()
+    routers.write_bytes(data[: len(data) // 2])
+    _refused(folder, "wrapper-0-dydit.safetensors")
+    routers.write_bytes(b"")
+    _refused(folder, "wrapper-0-dydit.safetensors")
+
+
+def test_a_garbled_router_file_is_a_one_line_checkpoint_error(saved_dynamic):
+    folder, routers = saved_dynamic
+    data = bytearray(routers.read_bytes())
+    data[8:40] = b"\xff" * 32  # inside the JSON header
+    routers.write_bytes(bytes(data))
+    _refused(folder, "wrapper-0-dydit.safetensors")
+
+
+def test_router_files_of_the_wrong_shape_or_keys_or_with_nan_are_one_line_checkpoint_errors(saved_dynamic):
+    from safetensors.torch import load_file, save_file
+
+    folder, routers = saved_dynamic
+    good = load_file(str(routers))
+    key = "0.width_routers.heads.weight"
+    assert key in good, sorted(good)
+    save_file({**good, key: torch.zeros(5, 32)}, str(routers))
+    _refused(folder, "mis-shaped", key)
+    save_file({k: v for k, v in good.items() if k != key}, str(routers))
+    _refused(folder, "missing", key)
+    save_file({**good, key: torch.full_like(good[key], float("nan"))}, str(routers))
+    _refused(folder, "NaN")
+    # The router file of a deeper model.
+    other = leandit.save_model(DynamicModel(dense_dit(depth=3)), folder.parent / "deeper")
+    routers.write_bytes((other / "wrapper-0-dydit.safetensors").read_bytes())
+    _refused(folder, "unexpected")
+    routers.unlink()
+    _refused(folder, "wrapper-0-dydit.safetensors")
+
+
+def test_a_damaged_dydit_table_is_a_one_line_checkpoint_error(saved_dynamic):
+    import json
+
+    folder, _ = saved_dynamic
+    config = json.loads((folder / "config.json").read_text())
+    config["wrappers"][0]["table"]["settings"] = {"width": True, "tokens": True, "temperature": 5}
+    (folder / "config.json").write_text(json.dumps(config))
+    _refused(folder, "DyDiT table")
+    config["wrappers"][0]["table"]["settings"] = {"width": False, "tokens": False, "tau": 5}
+    (folder / "config.json").write_text(json.dumps(config))
+    _refused(folder, "DyDiT table")
