@@ -485,6 +485,23 @@ def test_bad_router_noise_and_settings_are_refused():
         DynamicSettings(tau=float("nan"))
 
 
+def test_a_dynamic_jobs_state_resumes_and_refuses_changed_settings():
+    model = DynamicModel(dense_dit())
+    plain = RecoverySettings.from_mix("plain")
+    state = DynamicJob(model, DynamicTraining(target=0.6), plain).state_dict()
+    DynamicJob(model, DynamicTraining(target=0.6), plain).load_state_dict(copy.deepcopy(state))  # the same run resumes
+    DynamicJob(model, DynamicTraining(target=0.6), plain).load_state_dict({})  # a fresh run
+    with pytest.raises(ValueError) as err:
+        DynamicJob(model, DynamicTraining(target=0.5), plain).load_state_dict(copy.deepcopy(state))
+    assert "DyDiT settings (target)" in one_line(err)
+    with pytest.raises(ValueError) as err:
+        DynamicJob(DynamicModel(dense_dit(), TDW), DynamicTraining(target=0.6), plain).load_state_dict(copy.deepcopy(state))
+    assert "DyDiT settings (tokens)" in one_line(err)
+    with pytest.raises(ValueError) as err:
+        DynamicJob(model, DynamicTraining(target=0.6), RecoverySettings.from_mix("plain", diffusion_weight=2.0)).load_state_dict(state)
+    assert "recovery settings (diffusion_weight)" in one_line(err)
+
+
 @pytest.fixture
 def saved_dynamic(tmp_path):
     model = mixed_model(BOTH, depth=2)
