@@ -52,7 +52,7 @@ def mix_routers_(model: DynamicModel, seed: int = 1) -> DynamicModel:
     gen = torch.Generator().manual_seed(seed)
     blocks = model.dynamic_blocks
     if model.settings.width:
-        t_emb = model.backbone.t_embedder(torch.arange(0, 1000, 37))  # (28, D), not the test timesteps
+        t_emb = model.backbone.t_embedder(torch.arange(0, 1000, 37) + 0.5)  # (28, D): no test timestep is a tie
         for block in blocks:
             for layer in (block.width_routers.heads, block.width_routers.groups):
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen))
@@ -565,3 +565,25 @@ def test_a_damaged_dydit_table_is_a_one_line_checkpoint_error(saved_dynamic):
     config["wrappers"][0]["table"]["settings"] = {"width": False, "tokens": False, "tau": 5}
     (folder / "config.json").write_text(json.dumps(config))
     _refused(folder, "DyDiT table")
+
+
+def test_a_flow_model_is_dynamic_over_continuous_time(tmp_path):
+    """SiT: t in [0, 1] feeds the same embedder; the width table spans 1000 points of [0, 1]."""
+    sit = randomize_(tiny_model(hidden_size=32, num_heads=4, depth=2, objective="flow", learn_sigma=False), std=0.2)
+    model = DynamicModel(sit)
+    with torch.no_grad():
+        t_emb = sit.t_embedder(torch.linspace(0.0005, 0.9995, 40))
+        for block in model.dynamic_blocks:
+            for layer in (block.width_routers.heads, block.width_routers.groups):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(3)))
+                layer.bias.copy_(-(t_emb @ layer.weight.T).median(dim=0).values)
+    x, _, y = inputs(6)
+    t = torch.tensor([0.01, 0.2, 0.4, 0.6, 0.8, 0.99])
+    with torch.no_grad():
+        masked = model.train()(x, t, y)
+        sliced = model.eval()(x, t, y)
+    same(sliced, masked)
+    table = model.width_table()
+    assert len(table["timesteps"]) == 1000 and table["timesteps"][0] == 0.0 and table["timesteps"][-1] == 1.0
+    assert len({h for row in table["heads"] for h in row}) > 1
+    assert leandit.load_model(leandit.save_model(model, tmp_path / "sit")).width_table() == table
