@@ -1,5 +1,5 @@
-"""DDP on 2 CPU processes (gloo): train, resume, learnable pruning, fine-tuning and sampling on
-two processes give what one process gives, the gradients are averaged (not summed) over the
+"""DDP on 2 CPU processes (gloo): train, resume, learnable pruning, fine-tuning, DyDiT fine-tuning
+and sampling on two processes give what one process gives, the gradients are averaged (not summed) over the
 processes, and the NaN guard decides alike on every rank.
 
 Every two-process run happens in ONE torchrun launch (tests/two_process_checks.py, started
@@ -24,6 +24,7 @@ from leandit.compress.depth import explicit, export_pruned, parse_scheme
 from leandit.evaluate.sampling import generate, make_labels, to_uint8_images
 
 from conftest import ROOT, randomize_, tiny_model
+from test_dynamic import mixed_model
 from two_process_checks import first_step_gradients
 
 pytestmark = pytest.mark.slow  # one torchrun launch of two processes: about a minute on 2 cores
@@ -58,6 +59,13 @@ def finetune_args(inputs: Path, out: Path) -> list[str]:
             "--lr", "1e-3", *LOOP]
 
 
+def dynamic_args(inputs: Path, out: Path) -> list[str]:
+    # From a dynamic model whose routers already make mixed decisions (heads, groups and tokens
+    # both kept and skipped), so the masks and the all-reduced MAC loss are really exercised.
+    return ["dynamic", str(inputs / "dynamic-source"), "--target", "0.5", "--steps", "3", "--out", str(out), "--lr", "1e-3",
+            "--router-lr", "1e-3", *LOOP]
+
+
 def sample_args(inputs: Path, out: Path) -> list[str]:
     return ["sample", str(inputs / "sampler"), *SAMPLE, "--out", str(out)]
 
@@ -71,6 +79,7 @@ def runs(tmp_path_factory):
     teacher = leandit.load_model(inputs / "teacher")
     export_pruned(teacher, explicit([0, 3], 4, parse_scheme("1:2", 4)), inputs / "student", source_name="teacher")
     leandit.save_model(randomize_(tiny_model(depth=2), std=0.1), inputs / "sampler")
+    leandit.save_model(mixed_model(depth=2), inputs / "dynamic-source")
     plan = {
         "commands": [
             train_args(two / "train"),
@@ -78,6 +87,7 @@ def runs(tmp_path_factory):
             train_args(two / "resumed"),
             prune_args(inputs, two / "prune"),
             finetune_args(inputs, two / "finetune"),
+            dynamic_args(inputs, two / "dynamic"),
             sample_args(inputs, two / "sample"),
         ],
         "jobs": str(two / "jobs"),
@@ -159,6 +169,33 @@ def test_two_processes_fine_tune_like_one(runs, tmp_path):
              for folder in (tmp_path / "one", two_runs / "finetune")]
     for key in ("loss", "kd", "kd_kl", "diffusion", "repkd", "repkd_dropped"):
         assert first[0][key] == pytest.approx(first[1][key], rel=1e-5, abs=1e-9), key
+
+
+def test_dydit_on_two_processes_trains_like_one(runs, tmp_path):
+    inputs, two_runs = runs
+    _main(dynamic_args(inputs, tmp_path / "one"))
+    source = load_file(str(inputs / "dynamic-source" / "wrapper-0-dydit.safetensors"))
+    for name in ("model.safetensors", "wrapper-0-dydit.safetensors", "ema.safetensors"):
+        one = load_file(str(tmp_path / "one" / "model" / name))
+        two = load_file(str(two_runs / "dynamic" / "model" / name))
+        assert one.keys() == two.keys()
+        for k in one:
+            a, b = one[k], two[k]
+            if k.endswith("attn.qkv.bias"):
+                # The key bias shifts every score of a query alike: softmax cancels it, so its
+                # gradient is rounding noise that Adam scales up to about lr. Its q and v parts count.
+                a, b = torch.cat(a.chunk(3)[::2]), torch.cat(b.chunk(3)[::2])
+            assert (a - b).abs().max() < 1e-5, (name, k)  # Adam amplifies summation order
+    routers = load_file(str(tmp_path / "one" / "model" / "wrapper-0-dydit.safetensors"))
+    for part in ("width_routers.heads.bias", "width_routers.groups.weight", "token_router.net.0.weight", "token_router.net.2.bias"):
+        assert (routers[f"1.{part}"] - source[f"1.{part}"]).abs().max() > 1e-4, part  # every kind of router trained
+    # The MAC ratio is the global batch's on every process: the same logged values.
+    for line in range(3):
+        first = [json.loads((folder / "metrics.jsonl").read_text().splitlines()[line])
+                 for folder in (tmp_path / "one", two_runs / "dynamic")]
+        for key in ("loss", "diffusion", "macs_ratio", "flops_loss"):
+            assert first[0][key] == pytest.approx(first[1][key], rel=1e-5, abs=1e-9), (line, key)
+    assert 0.2 < first[0]["macs_ratio"] < 0.9  # mixed decisions: neither dense nor the floor
 
 
 def test_two_processes_write_the_same_file_as_one_and_as_direct_generation(runs, tmp_path):

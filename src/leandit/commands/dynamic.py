@@ -153,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
             if isinstance(teacher, DynamicModel):
                 raise ValueError("the teacher must be a dense model: pass --teacher with the model this one was made from")
         orders = reorder_by_importance(source) if args.reorder == "magnitude" else None
+        # The token routers' first layer starts random (torch's default init): seeded, so that the
+        # same command gives the same routers (and a resumed run the uninterrupted run's weights).
+        torch.manual_seed(args.seed)
         model = source if already else DynamicModel(source, settings)
         model.compression = list(getattr(source, "compression", []))
         dataset = open_training_data(args.data)

@@ -153,7 +153,11 @@ class DynamicBlock(nn.Module):
         attn, mlp = self.block.attn, self.block.mlp
         if len(heads) == self.num_heads and len(groups) == self.num_groups:
             return attn.qkv.weight, attn.qkv.bias, attn.proj.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight
-        key = (pattern, *((p.data_ptr(), p._version, p.dtype) for p in (attn.qkv.weight, mlp.fc1.weight)))
+        # Every tensor that is sliced: an update of any one of them (proj or fc2 alone, a bias)
+        # must not leave a stale slice behind.
+        sliced_from = [p for p in (attn.qkv.weight, attn.qkv.bias, attn.proj.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight)
+                       if p is not None]
+        key = (pattern, *((p.data_ptr(), p._version, p.dtype) for p in sliced_from))
         if key not in self._slices:
             full, dh, gs = self.num_heads * self.head_dim, self.head_dim, self.group_size
             head_cols = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads]).to(attn.qkv.weight.device)

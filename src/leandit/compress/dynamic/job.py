@@ -95,8 +95,11 @@ class DynamicJob(RecoveryJob):
         self.use_dense_loss = False
         self._noise: torch.Tensor | None = None
         self._last_inputs: tuple[Any, ...] = ()
+        self._recovery_state_only = False
 
     def state_dict(self) -> dict[str, Any]:
+        if self._recovery_state_only:
+            return super().state_dict()
         return {**super().state_dict(), "dynamic": asdict(self.training), "dynamic_settings": asdict(self.module.settings)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -109,7 +112,13 @@ class DynamicJob(RecoveryJob):
                         f"cannot resume: the run in this folder was started with other DyDiT settings ({', '.join(changed)}); "
                         "use the same options or a new --out folder"
                     )
-        super().load_state_dict({k: v for k, v in state.items() if k not in ("dynamic", "dynamic_settings")})
+        # RecoveryJob compares the state it saved with `self.state_dict()`: it must see its own
+        # part only, or every resume reads as changed settings.
+        self._recovery_state_only = True
+        try:
+            super().load_state_dict({k: v for k, v in state.items() if k not in ("dynamic", "dynamic_settings")})
+        finally:
+            self._recovery_state_only = False
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         # Weights first: the loop logs the first group's learning rate.

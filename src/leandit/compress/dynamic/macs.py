@@ -31,6 +31,8 @@ class MacCounter:
     mlp_hidden: int
     dense_total: int  # MACs per image of the dense backbone
     routers: int  # MACs per image of every router and the timestep embedding they read
+    routed_width: bool = True  # heads and MLP groups are routed (TDW)
+    routed_tokens: bool = True  # which tokens go through the MLP is routed (SDT)
 
     @classmethod
     def of(cls, model: nn.Module) -> "MacCounter":
@@ -55,6 +57,7 @@ class MacCounter:
         return cls(
             depth=model.depth, tokens=T, hidden=D, head_dim=first.head_dim, num_heads=first.num_heads,
             mlp_hidden=first.mlp_hidden, dense_total=forward_flops(inner, 1) // 2, routers=int(routers),
+            routed_width=model.settings.width, routed_tokens=model.settings.tokens,
         )
 
     def attention(self, heads):
@@ -77,8 +80,11 @@ class MacCounter:
         return macs / self.dense_total
 
     def minimum_ratio(self) -> float:
-        """The cheapest a model can get: head 0 and group 0 only, no token through any MLP."""
-        per_block = self.attention(1)
+        """The cheapest a model can get: head 0 and group 0 only (every head and channel when
+        the width is not dynamic), no token through any MLP (every token when tokens are not)."""
+        per_block = self.attention(1 if self.routed_width else self.num_heads)
+        if not self.routed_tokens:
+            per_block += self.mlp(self.mlp_hidden // self.num_heads if self.routed_width else self.mlp_hidden, 1)
         return (self.fixed + self.routers + self.depth * per_block) / self.dense_total
 
     def width_table_ratio(self, heads: torch.Tensor, groups: torch.Tensor) -> float:
