@@ -79,9 +79,6 @@ def test_the_same_command_gives_the_same_model(run, tmp_path):
     same_files(run / "run" / "model", tmp_path / "again" / "model")
 
 
-@pytest.mark.xfail(strict=True, reason="train.checkpoint.load_checkpoint reads a wrapped model's checkpoint "
-                   "model.safetensors (the backbone's keys) as the whole DynamicModel's state dict: resuming any "
-                   "dynamic run fails with missing backbone.* / unexpected blocks.* keys")
 def test_a_stopped_and_resumed_run_equals_the_uninterrupted_one(run, tmp_path):
     import shutil
 
@@ -161,8 +158,11 @@ def test_a_target_warmup_longer_than_the_run_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_model_without_a_timestep_embedding_is_refused_with_dynamic_width(tmp_path, capsys):
+def test_a_model_without_a_timestep_embedding_is_refused_with_dynamic_width(tmp_path, capsys, monkeypatch):
     from diffusers_models import tiny_diffusers_dit
+    from test_dynamic import without_timestep_embedding
+
+    without_timestep_embedding(monkeypatch)
 
     source = leandit.save_model(tiny_diffusers_dit(depth=2), tmp_path / "diffusers")
     argv = ["dynamic", str(source), "--target", "0.6", "--steps", "2", "--out", str(tmp_path / "out"), *RUN]

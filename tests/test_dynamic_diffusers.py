@@ -197,7 +197,7 @@ def test_a_dynamic_diffusers_model_round_trips_through_its_folder(tmp_path, fami
     meta = json.loads((folder / "leandit.json").read_text())
     (record,) = meta["wrappers"]
     assert record["type"] == "dydit" and record["table"]["settings"]["tau"] == 3.0
-    assert len(record["table"]["width_table"]["heads"]) == 4  # one row per block
+    assert len(record["table"]["width_table"]["blocks"]) == 4  # one row per block
     loaded = leandit.load_model(folder)
     assert isinstance(loaded, DynamicModel) and loaded.settings == dynamic.settings
     assert all(isinstance(b, DiffusersDynamicBlock) for b in loaded.dynamic_blocks)

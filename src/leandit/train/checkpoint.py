@@ -21,6 +21,7 @@ from torch import nn
 from ..models.infer import CheckpointError, check_keys
 from ..files import write_folder_atomically, write_text_atomically
 from ..models.io import EMA_FILE, weights_file, write_model_files
+from ..models.wrappers import peel_wrappers
 
 STATE_FILE = "training_state.pt"
 LATEST_FILE = "latest"
@@ -72,7 +73,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(folder: Path, module: nn.Module, ema: nn.Module | None) -> dict[str, Any]:
     """Load weights into `module` (and `ema`) strictly; return the training state."""
     weights_path = weights_file(folder)  # model.safetensors, or diffusers' name for a diffusers backbone
-    weights = load_file(str(weights_path))
+    if peel_wrappers(module)[1]:
+        # A wrapped backbone (a DyDiT model) keeps its wrappers' tensors in their own files:
+        # the folder rebuilt as a model has exactly the module's state dict.
+        from ..models.io import load_model
+
+        weights = load_model(folder, weights="model").state_dict()
+    else:
+        weights = load_file(str(weights_path))
     check_keys(module.state_dict(), weights, str(weights_path))
     module.load_state_dict(weights, strict=True)
     if ema is not None:
