@@ -209,6 +209,20 @@ def test_version_and_a_help_that_imports_nothing_heavy():
     assert done.returncode == 0 and done.stdout.strip() == f"leandit {leandit.__version__}"
 
 
+def test_python_dash_m_leandit_is_the_leandit_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "leandit", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"leandit {leandit.__version__}", done.stderr
+    done = subprocess.run([sys.executable, "-m", "leandit", "info", "DiT-S/2:depth=2"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "2 blocks" in done.stdout, done.stderr
+    done = subprocess.run([sys.executable, "-m", "leandit", "info", "no-such-model"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("leandit info: error:"), done.stderr  # the exit status passes through
+
+
 def test_the_quick_help_says_what_each_command_says():
     from leandit import cli
 
