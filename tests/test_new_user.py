@@ -423,3 +423,17 @@ def test_a_named_size_with_overrides_and_a_shipped_name_work_everywhere(tmp_path
     assert main(["train", "--model", fitting, "--data", "digits", "--steps", "1", "--batch-size", "8", "--device", "cpu",
                  "--quiet", "--out", str(tmp_path / "run")]) == 0
     assert leandit.load_model(tmp_path / "run" / "model").config.depth == 1
+
+
+def test_loading_a_named_size_says_it_has_no_weights_and_what_to_do(tmp_path, capsys):
+    for name in ("DiT-XL/2", "DiT-S/2:depth=3"):
+        with pytest.raises(ValueError) as raised:
+            leandit.load_model(name)
+        message = str(raised.value)
+        assert len(message.splitlines()) == 1 and "not found" not in message, message
+        assert f"{name!r} is a named size with no weights" in message and f"leandit.build_model({name!r})" in message
+        assert "checkpoint file or a model folder" in message
+    with pytest.raises(FileNotFoundError, match="model not found"):  # any other missing name is still not found
+        leandit.load_model(tmp_path / "DiT-XL-2.pt")
+    assert main(["info", "DiT-XL/2"]) == 0  # the command line keeps building named sizes
+    assert "28 blocks" in capsys.readouterr().out
