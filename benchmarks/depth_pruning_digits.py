@@ -89,12 +89,13 @@ def main() -> None:
 
     randoms = np.array([float(r["calibration_loss"]) for r in csv.DictReader(open(analysis_dir / "calibration_losses.csv"))
                         if r["kind"] == "random"])
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
     lines = [
         "# Depth pruning of the digits teacher, 12 -> 6 blocks",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}. "
-        f"Command: `OMP_NUM_THREADS=2 python benchmarks/depth_pruning_digits.py`.",
+        f"Command: `{threads}python benchmarks/depth_pruning_digits.py`.",
         "",
         f"Learnable 1:2 (`leandit prune {Path(teacher).name} --method learnable --scheme 1:2 --steps {args.steps} "
         f"--batch-size {args.batch_size}`, LoRA r8/alpha 16, temperature 4 -> 0.1, scale 100, EMA decay "

@@ -27,7 +27,7 @@ from leandit.models.flops import count_parameters
 
 # (sampler, steps, guidance scale); the first is the demo's own setting.
 SETTINGS = [
-    (demo.SAMPLER, demo.STEPS, demo.CFG_SCALE),
+    (demo.SAMPLER, demo.DemoSettings().sampling_steps, demo.CFG_SCALE),
     ("ddim", 25, 1.0),
     ("ddim", 100, 1.0),
     ("ddpm", 250, 1.0),
@@ -62,7 +62,7 @@ def main() -> None:
         agreement = class_agreement(to_digits_range(x), labels.numpy())
         print(f"| {sampler} | {steps} | {scale:g} | {agreement:.1%} | {seconds:.1f} |", flush=True)
         if i == 0 and args.grid:
-            save_grid(args.grid, to_uint8_images(x, "pixel")[: 10 * k], ncols=k)
+            save_grid(args.grid, to_uint8_images(x, "pixel")[: 10 * k], ncols=k, column_labels=[str(c) for c in range(k)])
 
 
 def _cpu_name() -> str:

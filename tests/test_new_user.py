@@ -209,6 +209,20 @@ def test_version_and_a_help_that_imports_nothing_heavy():
     assert done.returncode == 0 and done.stdout.strip() == f"leandit {leandit.__version__}"
 
 
+def test_python_dash_m_leandit_is_the_leandit_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "leandit", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"leandit {leandit.__version__}", done.stderr
+    done = subprocess.run([sys.executable, "-m", "leandit", "info", "DiT-S/2:depth=2"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "2 blocks" in done.stdout, done.stderr
+    done = subprocess.run([sys.executable, "-m", "leandit", "info", "no-such-model"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("leandit info: error:"), done.stderr  # the exit status passes through
+
+
 def test_the_quick_help_says_what_each_command_says():
     from leandit import cli
 
@@ -409,3 +423,44 @@ def test_a_named_size_with_overrides_and_a_shipped_name_work_everywhere(tmp_path
     assert main(["train", "--model", fitting, "--data", "digits", "--steps", "1", "--batch-size", "8", "--device", "cpu",
                  "--quiet", "--out", str(tmp_path / "run")]) == 0
     assert leandit.load_model(tmp_path / "run" / "model").config.depth == 1
+
+
+def test_loading_a_named_size_says_it_has_no_weights_and_what_to_do(tmp_path, capsys):
+    for name in ("DiT-XL/2", "DiT-S/2:depth=3"):
+        with pytest.raises(ValueError) as raised:
+            leandit.load_model(name)
+        message = str(raised.value)
+        assert len(message.splitlines()) == 1 and "not found" not in message, message
+        assert f"{name!r} is a named size with no weights" in message and f"leandit.build_model({name!r})" in message
+        assert "checkpoint file or a model folder" in message
+    with pytest.raises(FileNotFoundError, match="model not found"):  # any other missing name is still not found
+        leandit.load_model(tmp_path / "DiT-XL-2.pt")
+    assert main(["info", "DiT-XL/2"]) == 0  # the command line keeps building named sizes
+    assert "28 blocks" in capsys.readouterr().out
+
+
+def test_an_older_prune_folder_without_a_marker_is_known_by_its_decision(model_dir, tmp_path, capsys):
+    """An --out an older leandit wrote (model/ and decision.json, no leandit-run.json): its method
+    is read from decision.json, so another method's result is not silently replaced."""
+    old = tmp_path / "old"
+    leandit.save_model(tiny_model(depth=2), old / "model")
+    decision = {"source": str(model_dir), "method": "random-min-loss", "scheme": "2:4", "source_depth": 4,
+                "kept_indices": [0, 3], "removed_indices": [1, 2]}
+    (old / "decision.json").write_text(json.dumps(decision, indent=2) + "\n")
+    err = error_of(["prune", str(model_dir), "--method", "oracle", "--keep", "2", "--out", str(old)], capsys)
+    assert "holds the result of `leandit prune --method random`, not of `leandit prune --method oracle`" in err
+    assert "--overwrite" in err
+    err = error_of(["train", "--model", "DiT-S/2", "--data", "digits", "--steps", "1", "--out", str(old)], capsys)
+    assert "holds the result of `leandit prune --method random`, not of `leandit train`" in err
+    assert json.loads((old / "decision.json").read_text()) == decision and not (old / "leandit-run.json").exists()
+    # the same method reruns in place and marks the folder as a current leandit would
+    assert main(["prune", str(model_dir), "--method", "random", "--keep", "2", "--out", str(old), "--quiet"]) == 0
+    assert json.loads((old / "leandit-run.json").read_text()) == {"command": "prune", "method": "random"}
+    # --overwrite replaces it with another method's result
+    (old / "leandit-run.json").unlink()
+    assert main(["prune", str(model_dir), "--method", "oracle", "--keep", "2", "--out", str(old), "--overwrite", "--quiet"]) == 0
+    assert json.loads((old / "decision.json").read_text())["method"] == "oracle"
+    # a decision.json that names no method: an older run folder of unknown kind, as before
+    (old / "leandit-run.json").unlink()
+    (old / "decision.json").write_text("{}\n")
+    assert main(["prune", str(model_dir), "--method", "indices", "--indices", "0,1", "--out", str(old), "--quiet"]) == 0

@@ -219,7 +219,8 @@ def data_conditioning(model, dataset) -> Conditioning:
 
 RUN_MARKER = "leandit-run.json"
 # What leandit's run folders hold (prune, finetune, train): a folder holding only these (and no
-# marker yet: made by an older leandit) is taken as one of leandit's run folders.
+# marker yet: made by an older leandit) is taken as one of leandit's run folders; one with a
+# decision.json as the result of the prune method that file names.
 RUN_OUTPUTS = {RUN_MARKER, "model", "checkpoints", "metrics.jsonl", "run.json", "decision.json", "decisions.png"}
 
 
@@ -239,12 +240,15 @@ def claim_out(out: Path, kind: dict[str, Any], overwrite: bool = False, write: b
         raise ValueError(f"--out {out} is a file: pass a folder for the run")
     marker = out / RUN_MARKER
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    marked = marker.exists()
     earlier = None
-    if marker.exists():
+    if marked:
         try:
             earlier = json.loads(marker.read_text())
         except json.JSONDecodeError:
             earlier = {}
+    elif "decision.json" in entries:
+        earlier = _kind_from_decision(out / "decision.json")
     if not overwrite:
         if earlier is not None and earlier != kind:
             raise ValueError(f"--out {out} holds the result of `{_describe_kind(earlier)}`, not of `{_describe_kind(kind)}`: "
@@ -262,8 +266,20 @@ def claim_out(out: Path, kind: dict[str, Any], overwrite: bool = False, write: b
         for name in RUN_OUTPUTS & set(entries):  # the earlier run's outputs only, never the user's files
             path = out / name
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    if earlier != kind:
+    if earlier != kind or not marked:
         write_text_atomically(marker, json.dumps(kind, indent=2) + "\n")
+
+
+def _kind_from_decision(path: Path) -> dict[str, Any] | None:
+    """The kind of a prune folder an older leandit wrote (no marker): its decision.json names
+    the method ("random-min-loss" is `--method random`). None when it does not say."""
+    try:
+        method = json.loads(path.read_text()).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(method, str) or not method:
+        return None
+    return {"command": "prune", "method": method.partition("-")[0]}
 
 
 def _describe_kind(kind: dict[str, Any]) -> str:

@@ -109,6 +109,11 @@ def load_model(
     if weights not in ("auto", "ema", "model"):
         raise ValueError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
     if not path.exists():
+        if is_named_size(name):  # "DiT-XL/2" names an architecture, not weights
+            raise ValueError(
+                f"{name!r} is a named size with no weights: leandit.build_model({name!r}) gives it random weights; "
+                "to load weights pass a checkpoint file or a model folder"
+            )
         raise FileNotFoundError(
             f"model not found: {path} (pass a model folder, a diffusers transformer or pipeline folder, a DiT/SiT .pt "
             "file or a shipped model's name such as digits-teacher)"
