@@ -55,6 +55,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.trajectory is not None and args.trajectory < 1:
+        raise ValueError(f"--trajectory must be at least 1 step, got {args.trajectory}")
     if args.curve is not None and args.curve.suffix.lower() != ".png":
         raise ValueError(f"--curve {args.curve}: the curve is written as a PNG; give a file name ending in .png")
     for option, path in (("--curve", args.curve), ("--out", args.out), ("--json", args.json)):
@@ -67,11 +69,11 @@ def run(args: argparse.Namespace) -> int:
     if args.curve:
         return _run_curve(args, device, precision, load_options)
     models = [(spec, open_spec(spec, **load_options)) for spec in args.models]
-    log(f"measuring {plural(len(models), 'model')} at batch {args.batch_size} on {device} ({precision}), "
-        f"{plural(args.warmup, 'warm-up step')}, {plural(args.rounds, 'interleaved round')}")
     if args.trajectory is None and any(varies_with_timestep(m) for _, m in models):
         raise ValueError("a dynamic (DyDiT) model's cost depends on the timestep: pass --trajectory STEPS "
                          "(e.g. --trajectory 50) to time whole sampling runs")
+    log(f"measuring {plural(len(models), 'model')} at batch {args.batch_size} on {device} ({precision}), "
+        f"{plural(args.warmup, 'warm-up step')}, {plural(args.rounds, 'interleaved round')}")
     results = measure_speed(models, args.batch_size, cfg_scale=args.cfg_scale, sampling_steps=args.sampling_steps,
                             warmup=args.warmup, rounds=args.rounds, device=device, precision=precision,
                             trajectory_steps=args.trajectory)
@@ -120,7 +122,7 @@ def describe_machine(device: torch.device, precision: str) -> str:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        where = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        where = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {plural(torch.get_num_threads(), 'thread')}"
     return f"{where}, {precision}, torch {torch.__version__}"
 
 
