@@ -182,3 +182,19 @@ def test_a_corrupt_router_file_is_refused_in_one_line(run, tmp_path, capsys):
     err = error_of(["sample", str(folder), "--num-samples", "2", "--out", str(tmp_path / "samples"), "--device", "cpu"], capsys)
     assert "wrapper-0-dydit.safetensors" in err
     assert not (tmp_path / "samples").exists()
+
+
+def test_a_depth_pruned_model_made_dynamic_and_distilled_keeps_both_steps(tmp_path):
+    """Depth pruning then DyDiT: the record keeps both steps, and masked KD from the unpruned
+    teacher aligns each kept block with the teacher block it stands for."""
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "digits-teacher", "--method", "oracle", "--keep", "6", "--out", str(pruned), "--quiet"]) == 0
+    out = tmp_path / "dynamic"
+    argv = ["dynamic", str(pruned / "model"), "--target", "0.7", "--steps", "2", "--out", str(out), "--mix", "masked-kd",
+            "--teacher", "digits-teacher", *RUN]
+    assert main(argv) == 0
+    history = json.loads((out / "model" / "compression.json").read_text())
+    assert [r["method"] for r in history] == ["oracle", "dydit"]
+    assert history[-1]["loss"]["mix"] == "masked-kd" and history[-1]["loss"]["teacher"] == "digits-teacher"
+    model = leandit.load_model(out / "model")
+    assert isinstance(model, DynamicModel) and model.depth == 6
