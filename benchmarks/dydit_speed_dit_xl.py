@@ -187,7 +187,7 @@ class Trajectory:
     `GaussianDiffusion.sample` does, without guidance), so that several models' runs can be
     interleaved step by step."""
 
-    def __init__(self, model: nn.Module, batch: int, steps: int, seed: int = 0):
+    def __init__(self, model: nn.Module, batch: int, steps: int, seed: int = 0, call: nn.Module | None = None):
         from leandit.diffusion import make_objective
         from leandit.evaluate.sampling import model_fn_for
 
@@ -196,7 +196,8 @@ class Trajectory:
         self.noise = torch.randn(batch, *spec.input_shape, generator=gen)
         labels = torch.randint(0, spec.conditioning.num_classes, (batch,), generator=gen)
         self.model = model
-        self.step_fn = model_fn_for(model, labels, 1.0)
+        # `call`: a compiled module to run instead (what the adapter's predict would call)
+        self.step_fn = model_fn_for(model, labels, 1.0) if call is None else (lambda x, t: call(x, t, labels))
         self.process = make_objective(spec).respaced(steps)
         self.steps = steps
         self.reset()
@@ -218,7 +219,7 @@ def timed_rounds(models, batch: int, steps: int, rounds: int, log=print) -> dict
     {label: {"wall": [s per step, one per round], "cpu": [...], "macs": [MACs per image and
     step, one per round], "kept": [kept-token share, one per round]}}; the dense model's MACs
     are its static count."""
-    runs = [Trajectory(m, batch, steps) for _, m in models]
+    runs = [Trajectory(m, batch, steps, call=COMPILED.get(label)) for label, m in models]
     out = {label: {"wall": [], "cpu": [], "macs": [], "kept": []} for label, _ in models}
     turn = 0
     with torch.inference_mode():
@@ -260,6 +261,8 @@ def timed_rounds(models, batch: int, steps: int, rounds: int, log=print) -> dict
 
 DENSE_MACS = [0.0]  # MACs per image of one dense forward (set in main)
 NUM_HEADS = [0]
+COMPILE_NOTES: list[str] = []
+COMPILED: dict[str, nn.Module] = {}  # row label -> torch.compile(model), for the compiled rows
 
 
 def flop_check(models, batch: int = 2, t: int = 666) -> list[str]:
@@ -298,6 +301,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="DDIM steps of a trajectory (default 4: t = 999, 666, 333, 0)")
     parser.add_argument("--plan", default="1:2:3,1:16:1,2:2:2",
                         help="THREADS:BATCH:ROUNDS measurements, in this order (default 1:2:3,1:16:1,2:2:2)")
+    parser.add_argument("--compile-plan", default="", help="THREADS:BATCH:ROUNDS with torch.compile (default none)")
     parser.add_argument("--rows", default="TDW+SDT,TDW,SDT", help="dynamic rows (default TDW+SDT,TDW,SDT)")
     parser.add_argument("--rows-large", default="TDW+SDT", help="rows at batches above 2 (default TDW+SDT)")
     parser.add_argument("--out", type=Path, default=HERE / "dydit_speed_dit_xl_cpu.md")
@@ -322,16 +326,55 @@ def main() -> None:
     print("\n".join(flops_lines), flush=True)
     results = []  # (threads, batch, label, entry)
     large = [r for r in args.rows_large.split(",") if r]
-    for item in args.plan.split(","):
+    for k, item in enumerate(filter(None, args.plan.split(","))):
         threads, batch, n_rounds = (int(v) for v in item.split(":"))
         torch.set_num_threads(threads)
         chosen = [models[0]] + [(l, m) for l, m in models[1:] if batch <= 2 or l in large]
         out = timed_rounds(chosen, batch, args.steps, n_rounds)
         for label, _ in chosen:
-            results.append((threads, batch, label, out[label]))
+            results.append((f"eager {k}", threads, batch, label, out[label]))
         write_report(args, results, flops_lines, table_runs, (time.perf_counter() - started) / 60)  # partial, kept if stopped
+    if args.compile_plan:
+        results += compiled_rounds(args, models, started, results, flops_lines, table_runs)
     minutes = (time.perf_counter() - started) / 60
     write_report(args, results, flops_lines, table_runs, minutes, show=True)
+
+
+def compiled_rounds(args, models, started, results, flops_lines, table_runs) -> list:
+    """torch.compile rows: the dense model (a copy of the backbone with the same weights,
+    compiled on its own so that the dynamic models keep calling the eager backbone) and the
+    TDW+SDT model, each beside its eager self, interleaved as the eager rows are."""
+    import torch._dynamo
+
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    dense = models[0][1]
+    dynamic = next(m for label, m in models if label == "TDW+SDT")
+    copy = make_backbone(args.model)
+    copy.load_state_dict(dense.state_dict())
+    copy.eval().requires_grad_(False)
+    COMPILED["dense, compiled"] = torch.compile(copy)
+    COMPILED["TDW+SDT, compiled"] = torch.compile(dynamic)
+    chosen = [("dense", dense), ("dense, compiled", copy), ("TDW+SDT", dynamic), ("TDW+SDT, compiled", dynamic)]
+    out_rows = []
+    for k, item in enumerate(filter(None, args.compile_plan.split(","))):
+        threads, batch, n_rounds = (int(v) for v in item.split(":"))
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        timed_rounds(chosen, batch, args.steps, 1, log=lambda *a, **k: None)  # compiles; discarded
+        from torch._dynamo.utils import counters
+
+        breaks = sum(counters["graph_break"].values())
+        COMPILE_NOTES.append(f"batch {batch}, {threads} thread(s): compiling (one discarded interleaved round) took "
+                             f"{time.perf_counter() - t0:.0f} s; dynamo made {counters['stats'].get('unique_graphs', '?')} graphs "
+                             f"with {breaks} graph breaks ({'; '.join(r.splitlines()[0][:70] for r in sorted(counters['graph_break'])[:3])})")
+        print("  " + COMPILE_NOTES[-1], flush=True)
+        out = timed_rounds(chosen, batch, args.steps, n_rounds)
+        rows = [(f"compiled {k}", threads, batch, label, out[label]) for label, _ in chosen]
+        out_rows += rows
+        write_report(args, results + out_rows, flops_lines, table_runs, (time.perf_counter() - started) / 60)
+    return out_rows
 
 
 def write_report(args, results, flops_lines, table_runs, minutes: float, show: bool = False) -> None:
@@ -340,7 +383,8 @@ def write_report(args, results, flops_lines, table_runs, minutes: float, show: b
         f"# DyDiT on {args.model}: wall-clock speed-up of a fixed half-MAC width/token table over the dense model",
         "",
         f"Command: `nice -n 5 python benchmarks/dydit_speed_dit_xl.py --steps {args.steps} --plan {args.plan} "
-        f"--rows {args.rows} --rows-large {args.rows_large}` "
+        f"--rows {args.rows} --rows-large {args.rows_large}"
+        + (f" --compile-plan {args.compile_plan}" if args.compile_plan else "") + "` "
         f"({time.strftime('%Y-%m-%d')}, {minutes:.0f} min).",
         "",
         f"Machine: {machine()}, shared with other sessions' jobs (the benchmark ran at `nice -n 5`); "
@@ -352,12 +396,13 @@ def write_report(args, results, flops_lines, table_runs, minutes: float, show: b
               "| threads | batch | model | MACs / image / step (G) | ideal (MAC ratio) | latency / step, wall (s) | speed-up, wall | "
               "of ideal, wall | CPU time / step (s) | speed-up, CPU time | of ideal, CPU time | kept tokens |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple[int, int], list] = {}
-    for threads, batch, label, entry in results:
-        groups.setdefault((threads, batch), []).append((label, entry))
-    for (threads, batch), entries in groups.items():
-        dense = entries[0][1]
+    groups: dict[tuple[str, int, int], list] = {}
+    for phase, threads, batch, label, entry in results:  # one group per measurement (plan item)
+        groups.setdefault((phase, threads, batch), []).append((label, entry))
+    for (_, threads, batch), entries in groups.items():
+        by_label = dict(entries)
         for label, e in entries:
+            dense = by_label["dense, compiled"] if label.endswith(", compiled") else by_label["dense"]
             ideal = med(dense["macs"]) / med(e["macs"])
             wall = med(dense["wall"]) / med(e["wall"])
             cpu = med(dense["cpu"]) / med(e["cpu"])
@@ -366,7 +411,8 @@ def write_report(args, results, flops_lines, table_runs, minutes: float, show: b
                 f"| {threads} | {batch} | {label} | {med(e['macs']) / 1e9:.2f} | {ideal:.3f}x | {med(e['wall']):.2f}{spread} | "
                 f"**{wall:.3f}x** | **{wall / ideal:.2f}** | {med(e['cpu']):.2f} | {cpu:.3f}x | {cpu / ideal:.2f} | "
                 f"{100 * med(e['kept']):.1f} % |")
-    lines += [""]
+    lines += ["", "Speed-ups of a compiled row are over the compiled dense model (of an eager row, over the eager one).", ""]
+    lines += [f"torch.compile: {note}." for note in COMPILE_NOTES] + ([""] if COMPILE_NOTES else [])
     lines += ["## The table that ran", "",
               f"Width (TDW), the same in every block, read back from `width_table()` over t = 0..999: "
               + "; ".join(f"t {a}-{b}: {h} heads, {g} groups of {NUM_HEADS[0]}" for a, b, h, g in table_runs) + ". "
@@ -377,6 +423,9 @@ def write_report(args, results, flops_lines, table_runs, minutes: float, show: b
               "| model | t | MACs / image, MacCounter (G) | MACs / image, FlopCounterMode / 2 (G) | difference |",
               "|---|---|---|---|---|", *flops_lines, ""]
     text = "\n".join(lines) + "\n"
+    import json
+
+    args.out.with_suffix(".json").write_text(json.dumps([list(r) for r in results], indent=1))  # the raw timings
     if show:
         print(text)
     args.out.write_text(text)
