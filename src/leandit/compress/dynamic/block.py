@@ -138,8 +138,9 @@ class DynamicBlock(nn.Module):
         if rows.numel() == 0:
             return x
         image = rows // t  # (K,) the image each kept row belongs to
-        h = block.norm2(flat[rows]) * (1 + mod.scale_mlp[image]) + mod.shift_mlp[image]  # (K, D)
-        update = mod.gate_mlp[image] * self._mlp(h, fc1_w, fc1_b, fc2_w)  # (K, D)
+        # index_select, not advanced indexing: the same rows, several times faster on CPU
+        h = block.norm2(flat.index_select(0, rows)) * (1 + mod.scale_mlp.index_select(0, image)) + mod.shift_mlp.index_select(0, image)  # (K, D)
+        update = mod.gate_mlp.index_select(0, image) * self._mlp(h, fc1_w, fc1_b, fc2_w)  # (K, D)
         return flat.index_add(0, rows, update.to(flat.dtype)).reshape(n, t, d)
 
     def _mlp(self, h: torch.Tensor, fc1_w, fc1_b, fc2_w) -> torch.Tensor:
