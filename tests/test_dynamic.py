@@ -601,3 +601,24 @@ def test_a_flow_model_is_dynamic_over_continuous_time(tmp_path):
     assert len(table["timesteps"]) == 1000 and table["timesteps"][0] == 0.0 and table["timesteps"][-1] == 1.0
     assert len({h for row in table["heads"] for h in row}) > 1
     assert leandit.load_model(leandit.save_model(model, tmp_path / "sit")).width_table() == table
+
+
+def test_the_slice_cache_is_bounded_and_reslices_changed_weights():
+    """At most `capacity` width patterns stay sliced (least recently used out), and an
+    in-place weight update is never served from an old slice."""
+    from leandit.compress.dynamic.slices import SliceCache
+
+    weight = torch.randn(4, 3)
+    cache = SliceCache(capacity=2)
+    cuts = []
+
+    def cut(rows):
+        return lambda: (cuts.append(rows) or weight[list(rows)].clone(),)
+
+    for rows in ((0,), (1,), (0,), (2,), (0,)):
+        cache.get(rows, [weight], cut(rows))
+    assert cuts == [(0,), (1,), (2,)] and len(cache) == 2  # (0,) reused, (1,) evicted when (2,) came
+    with torch.no_grad():
+        weight.add_(1.0)
+    (fresh,) = cache.get((0,), [weight], cut((0,)))
+    assert torch.equal(fresh, weight[[0]]) and len(cache) == 1  # the old weights' slices are dropped

@@ -28,6 +28,7 @@ from torch import nn
 
 from ...models.dit import DiTBlock, modulate
 from .routers import TokenRouter, WidthRouters, decide
+from .slices import SliceCache
 
 
 @dataclass
@@ -72,7 +73,7 @@ class DynamicBlock(nn.Module):
         self.tau = tau
         self.plan: BlockPlan | None = None
         self.kept_tokens: torch.Tensor | None = None  # (N,) kept-token fraction of the last forward
-        self._slices: dict[Any, tuple[torch.Tensor, ...]] = {}
+        self._slices = SliceCache()  # pre-sliced weights per width pattern (bounded)
 
     @property
     def num_groups(self) -> int:
@@ -158,21 +159,18 @@ class DynamicBlock(nn.Module):
         # must not leave a stale slice behind.
         sliced_from = [p for p in (attn.qkv.weight, attn.qkv.bias, attn.proj.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight)
                        if p is not None]
-        key = (pattern, *((p.data_ptr(), p._version, p.dtype) for p in sliced_from))
-        if key not in self._slices:
+        def cut() -> tuple[torch.Tensor, ...]:
             full, dh, gs = self.num_heads * self.head_dim, self.head_dim, self.group_size
             head_cols = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads]).to(attn.qkv.weight.device)
             qkv_rows = torch.cat([head_cols + part * full for part in range(3)])  # q, k, v rows of the kept heads
             channels = torch.cat([torch.arange(g * gs, (g + 1) * gs) for g in groups]).to(mlp.fc1.weight.device)
-            with torch.no_grad():
-                sliced = (
-                    attn.qkv.weight[qkv_rows].contiguous(),
-                    None if attn.qkv.bias is None else attn.qkv.bias[qkv_rows].contiguous(),
-                    attn.proj.weight[:, head_cols].contiguous(),
-                    mlp.fc1.weight[channels].contiguous(),
-                    None if mlp.fc1.bias is None else mlp.fc1.bias[channels].contiguous(),
-                    mlp.fc2.weight[:, channels].contiguous(),
-                )
-            self._slices = {k: v for k, v in self._slices.items() if k[1:] == key[1:]}  # drop slices of old weights
-            self._slices[key] = sliced
-        return self._slices[key]
+            return (
+                attn.qkv.weight[qkv_rows].contiguous(),
+                None if attn.qkv.bias is None else attn.qkv.bias[qkv_rows].contiguous(),
+                attn.proj.weight[:, head_cols].contiguous(),
+                mlp.fc1.weight[channels].contiguous(),
+                None if mlp.fc1.bias is None else mlp.fc1.bias[channels].contiguous(),
+                mlp.fc2.weight[:, channels].contiguous(),
+            )
+
+        return self._slices.get(pattern, sliced_from, cut)

@@ -42,6 +42,7 @@ from torch import nn
 
 from .block import BlockPlan
 from .model import register_dynamic_block
+from .slices import SliceCache
 from .routers import TokenRouter, WidthRouters, decide
 
 NORM_TYPES = ("ada_norm_zero", "ada_norm_single")
@@ -112,7 +113,7 @@ class DiffusersDynamicBlock(nn.Module):
         self.tau = tau
         self.plan: BlockPlan | None = None
         self.kept_tokens: torch.Tensor | None = None  # (N,) kept-token fraction of the last forward
-        self._slices: dict[Any, tuple[torch.Tensor | None, ...]] = {}
+        self._slices = SliceCache()  # pre-sliced weights per width pattern (bounded)
         self._processor = type(attn.processor)  # the default one (check_block)
 
     @property
@@ -277,30 +278,29 @@ class DiffusersDynamicBlock(nn.Module):
         heads, groups = pattern
         attn, net = self.block.attn1, self.block.ff.net
         linears = (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0], net[0].proj, net[2])
-        key = (pattern, *((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in linears))
-        if key not in self._slices:
+        sources = [t for m in linears for t in (m.weight, m.bias)]
+
+        def cut() -> tuple:
             dh, gs = self.head_dim, self.group_size
             device = attn.to_q.weight.device
             cols = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads]).to(device)
             channels = torch.cat([torch.arange(g * gs, (g + 1) * gs) for g in groups]).to(device)
             full = len(heads) == self.num_heads and len(groups) == self.num_groups
-            with torch.no_grad():
-                parts = (attn.to_q, attn.to_k, attn.to_v)
-                qkv_w = torch.cat([p.weight if full else p.weight[cols] for p in parts])
-                biases = [p.bias for p in parts]
-                qkv_b = None if all(b is None for b in biases) else torch.cat(
-                    [(b if full else b[cols]) if b is not None else p.weight.new_zeros(len(cols)) for p, b in zip(parts, biases)])
-                sliced = (
-                    qkv_w.contiguous(),
-                    None if qkv_b is None else qkv_b.contiguous(),
-                    attn.to_out[0].weight if full else attn.to_out[0].weight[:, cols].contiguous(),
-                    net[0].proj.weight if full else net[0].proj.weight[channels].contiguous(),
-                    net[0].proj.bias if full or net[0].proj.bias is None else net[0].proj.bias[channels].contiguous(),
-                    net[2].weight if full else net[2].weight[:, channels].contiguous(),
-                )
-            self._slices = {k: v for k, v in self._slices.items() if k[1:] == key[1:]}  # drop slices of old weights
-            self._slices[key] = sliced
-        return self._slices[key]
+            parts = (attn.to_q, attn.to_k, attn.to_v)
+            qkv_w = torch.cat([p.weight if full else p.weight[cols] for p in parts])
+            biases = [p.bias for p in parts]
+            qkv_b = None if all(b is None for b in biases) else torch.cat(
+                [(b if full else b[cols]) if b is not None else p.weight.new_zeros(len(cols)) for p, b in zip(parts, biases)])
+            return (
+                qkv_w.contiguous(),
+                None if qkv_b is None else qkv_b.contiguous(),
+                attn.to_out[0].weight if full else attn.to_out[0].weight[:, cols].contiguous(),
+                net[0].proj.weight if full else net[0].proj.weight[channels].contiguous(),
+                net[0].proj.bias if full or net[0].proj.bias is None else net[0].proj.bias[channels].contiguous(),
+                net[2].weight if full else net[2].weight[:, channels].contiguous(),
+            )
+
+        return self._slices.get(pattern, sources, cut)
 
 
 @torch.no_grad()

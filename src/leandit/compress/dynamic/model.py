@@ -98,6 +98,13 @@ class DynamicModel(nn.Module):
         tokens = self.num_tokens if self.settings.tokens else 0
         return self.depth * (width + tokens)
 
+    def slice_cache_capacity(self, patterns: int) -> None:
+        """Keep at most `patterns` sliced width patterns per block (inference memory vs re-slicing)."""
+        from .slices import SliceCache
+
+        for block in self.dynamic_blocks:
+            block._slices = SliceCache(patterns)
+
     def router_parameters(self) -> list[nn.Parameter]:
         return list(self.dynamic_blocks.parameters())
 
