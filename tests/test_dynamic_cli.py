@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import leandit
 from leandit.cli import main
 from leandit.compress.dynamic import DynamicModel
+from test_new_user import error_of  # the one-line error of a refused command
 
 RUN = ["--batch-size", "16", "--device", "cpu", "--precision", "fp32", "--log-every", "1", "--quiet"]
 FILES = ("model.safetensors", "ema.safetensors", "wrapper-0-dydit.safetensors")
@@ -26,13 +27,6 @@ def dynamic(out, *extra: str, steps: int = 4, target: str = "0.6") -> list[str]:
     return ["dynamic", "digits-teacher", "--target", target, "--steps", str(steps), "--out", str(out), *RUN, *extra]
 
 
-def error_of(argv: list[str], capsys) -> str:
-    """The one-line error of a command that must fail with status 2."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,23 @@ class BlockPlan:
     patterns: list[tuple[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor | None]] | None = None
 
 
+def setup_dynamic_block(module: nn.Module, block: nn.Module, num_heads: int, head_dim: int, mlp_hidden: int, hidden: int,
+                        width: bool, tokens: bool, tau: float) -> None:
+    """What every kind of dynamic block holds: the wrapped block, its sizes, its routers."""
+    # Not a child module: the backbone owns the block's weights and saves them.
+    object.__setattr__(module, "block", block)
+    module.num_heads, module.head_dim, module.mlp_hidden, module.hidden_size = num_heads, head_dim, mlp_hidden, hidden
+    if mlp_hidden % num_heads:
+        raise ValueError(f"the MLP's {mlp_hidden} channels do not split into {num_heads} groups (one per head)")
+    module.group_size = mlp_hidden // num_heads
+    module.width_routers = WidthRouters(hidden, num_heads, num_heads) if width else None
+    module.token_router = TokenRouter(hidden) if tokens else None
+    module.tau = tau
+    module.plan = None  # a BlockPlan, set by the DynamicModel before each forward
+    module.kept_tokens = None  # (N,) kept-token fraction of the last forward
+    module._slices = SliceCache()  # pre-sliced weights per width pattern (bounded)
+
+
 class DynamicBlock(nn.Module):
     """A `DiTBlock` with DyDiT's routers. `width` / `tokens` switch TDW and SDT on.
 
@@ -58,22 +75,9 @@ class DynamicBlock(nn.Module):
         super().__init__()
         if not isinstance(block, DiTBlock):
             raise TypeError(f"DyDiT wraps leandit DiT blocks; got {type(block).__name__}")
-        # Not a child module: the backbone owns the block's weights and saves them.
-        object.__setattr__(self, "block", block)
         attn, mlp = block.attn, block.mlp
-        self.num_heads = attn.num_heads
-        self.head_dim = attn.head_dim
-        self.mlp_hidden = mlp.fc1.out_features
-        if self.mlp_hidden % self.num_heads:
-            raise ValueError(f"the MLP's {self.mlp_hidden} channels do not split into {self.num_heads} groups (one per head)")
-        self.group_size = self.mlp_hidden // self.num_heads
-        hidden = self.hidden_size = attn.qkv.in_features
-        self.width_routers = WidthRouters(hidden, self.num_heads, self.num_heads) if width else None
-        self.token_router = TokenRouter(hidden) if tokens else None
-        self.tau = tau
-        self.plan: BlockPlan | None = None
-        self.kept_tokens: torch.Tensor | None = None  # (N,) kept-token fraction of the last forward
-        self._slices = SliceCache()  # pre-sliced weights per width pattern (bounded)
+        setup_dynamic_block(self, block, attn.num_heads, attn.head_dim, mlp.fc1.out_features, attn.qkv.in_features,
+                            width, tokens, tau)
 
     @property
     def num_groups(self) -> int:

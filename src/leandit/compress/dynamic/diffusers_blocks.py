@@ -40,10 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .block import BlockPlan
+from .block import BlockPlan, setup_dynamic_block
 from .model import register_dynamic_block
-from .slices import SliceCache
-from .routers import TokenRouter, WidthRouters, decide
+from .routers import decide
 
 NORM_TYPES = ("ada_norm_zero", "ada_norm_single")
 
@@ -98,22 +97,9 @@ class DiffusersDynamicBlock(nn.Module):
     def __init__(self, block: nn.Module, width: bool = True, tokens: bool = True, tau: float = 5.0):
         super().__init__()
         check_block(block)
-        # Not a child module: the backbone owns the block's weights and saves them.
-        object.__setattr__(self, "block", block)
         attn = block.attn1
-        self.num_heads = attn.heads
-        self.head_dim = attn.to_q.out_features // attn.heads
-        self.mlp_hidden = block.ff.net[0].proj.out_features
-        if self.mlp_hidden % self.num_heads:
-            raise ValueError(f"the feed-forward's {self.mlp_hidden} channels do not split into {self.num_heads} groups (one per head)")
-        self.group_size = self.mlp_hidden // self.num_heads
-        hidden = self.hidden_size = attn.to_q.in_features
-        self.width_routers = WidthRouters(hidden, self.num_heads, self.num_heads) if width else None
-        self.token_router = TokenRouter(hidden) if tokens else None
-        self.tau = tau
-        self.plan: BlockPlan | None = None
-        self.kept_tokens: torch.Tensor | None = None  # (N,) kept-token fraction of the last forward
-        self._slices = SliceCache()  # pre-sliced weights per width pattern (bounded)
+        setup_dynamic_block(self, block, attn.heads, attn.to_q.out_features // attn.heads, block.ff.net[0].proj.out_features,
+                            attn.to_q.in_features, width, tokens, tau)
         self._processor = type(attn.processor)  # the default one (check_block)
 
     @property
