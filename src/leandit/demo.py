@@ -43,14 +43,14 @@ class DemoSettings:
     """How much work each stage does; the defaults fit in 10 minutes on a 2-core CPU."""
 
     prune_steps: int = 1000
-    recover_steps: int = 400
-    dynamic_steps: int = 400
+    recover_steps: int = 350
+    dynamic_steps: int = 300
     dynamic_target: float = 0.5
     batch_size: int = 64
     samples_per_class: int = 100
     sampling_steps: int = 50
-    bench_rounds: int = 5
-    bench_trajectory: int = 10
+    bench_rounds: int = 3
+    bench_trajectory: int = 8
 
 
 @dataclass
