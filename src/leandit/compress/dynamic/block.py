@@ -63,6 +63,17 @@ def setup_dynamic_block(module: nn.Module, block: nn.Module, num_heads: int, hea
     module._slices = SliceCache()  # pre-sliced weights per width pattern (bounded)
 
 
+def kept_rows(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The token router's inference decision on x (N, T, D): (x flattened (N*T, D), the kept
+    rows (K,), the image of each kept row (K,)); records `kept_tokens` (N,). Gather with
+    index_select, not advanced indexing: the same rows, several times faster on CPU."""
+    n, t, d = x.shape
+    keep = module.token_router(x) > 0  # (N, T)
+    module.kept_tokens = keep.to(x.dtype).mean(dim=1)  # (N,)
+    rows = keep.reshape(-1).nonzero().squeeze(1)  # (K,) kept rows of the flattened batch
+    return x.reshape(n * t, d), rows, rows // t
+
+
 class DynamicBlock(nn.Module):
     """A `DiTBlock` with DyDiT's routers. `width` / `tokens` switch TDW and SDT on.
 
@@ -136,14 +147,9 @@ class DynamicBlock(nn.Module):
             self.kept_tokens = None
             h = modulate(block.norm2(x), mod.shift_mlp, mod.scale_mlp)  # (N, T, D)
             return x + mod.gate_mlp.unsqueeze(1) * self._mlp(h, fc1_w, fc1_b, fc2_w)
-        keep = self.token_router(x) > 0  # (N, T)
-        self.kept_tokens = keep.to(x.dtype).mean(dim=1)  # (N,)
-        flat = x.reshape(n * t, d)  # (N*T, D)
-        rows = keep.reshape(-1).nonzero().squeeze(1)  # (K,) kept rows of the flattened batch
+        flat, rows, image = kept_rows(self, x)
         if rows.numel() == 0:
             return x
-        image = rows // t  # (K,) the image each kept row belongs to
-        # index_select, not advanced indexing: the same rows, several times faster on CPU
         h = block.norm2(flat.index_select(0, rows)) * (1 + mod.scale_mlp.index_select(0, image)) + mod.shift_mlp.index_select(0, image)  # (K, D)
         update = mod.gate_mlp.index_select(0, image) * self._mlp(h, fc1_w, fc1_b, fc2_w)  # (K, D)
         return flat.index_add(0, rows, update.to(flat.dtype)).reshape(n, t, d)

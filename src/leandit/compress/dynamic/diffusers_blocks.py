@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .block import BlockPlan, setup_dynamic_block
+from .block import BlockPlan, kept_rows, setup_dynamic_block
 from .model import register_dynamic_block
 from .routers import decide
 
@@ -242,15 +242,12 @@ class DiffusersDynamicBlock(nn.Module):
         if self.token_router is None:
             self.kept_tokens = None
             return gate_mlp * self._ff(self._ff_input(x, shift_mlp, scale_mlp), proj_w, proj_b, down_w) + x
-        keep = self.token_router(x) > 0  # (N, T)
-        self.kept_tokens = keep.to(x.dtype).mean(dim=1)  # (N,)
-        flat = x.reshape(n * t, d)  # (N*T, D)
-        rows = keep.reshape(-1).nonzero().squeeze(1)  # (K,) kept rows of the flattened batch
+        flat, rows, image = kept_rows(self, x)
         if rows.numel() == 0:
             return x
-        image = rows // t  # (K,) the image each kept row belongs to
-        h = self._ff_input(flat[rows], shift_mlp[:, 0][image], scale_mlp[:, 0][image])  # (K, D)
-        update = gate_mlp[:, 0][image] * self._ff(h, proj_w, proj_b, down_w)  # (K, D)
+        h = self._ff_input(flat.index_select(0, rows), shift_mlp[:, 0].index_select(0, image),
+                           scale_mlp[:, 0].index_select(0, image))  # (K, D)
+        update = gate_mlp[:, 0].index_select(0, image) * self._ff(h, proj_w, proj_b, down_w)  # (K, D)
         return flat.index_add(0, rows, update.to(flat.dtype)).reshape(n, t, d)
 
     def _ff(self, h: torch.Tensor, proj_w, proj_b, down_w) -> torch.Tensor:
