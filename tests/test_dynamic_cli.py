@@ -192,3 +192,20 @@ def test_a_depth_pruned_model_made_dynamic_and_distilled_keeps_both_steps(tmp_pa
     assert history[-1]["loss"]["mix"] == "masked-kd" and history[-1]["loss"]["teacher"] == "digits-teacher"
     model = leandit.load_model(out / "model")
     assert isinstance(model, DynamicModel) and model.depth == 6
+
+
+def test_analyze_widths_plots_and_tables_what_each_block_runs(run, tmp_path, capsys):
+    out = tmp_path / "widths"
+    capsys.readouterr()
+    assert main(["analyze", "widths", str(run / "run" / "model"), "--out", str(out), "--calibration-size", "32"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 + 12 and printed[1].split()[0] == "0"  # a header and one line per block
+    rows = (out / "widths.csv").read_text().splitlines()
+    assert rows[0] == "block,timestep,heads,groups" and len(rows) == 1 + 12 * 1000
+    model = leandit.load_model(run / "run" / "model")
+    heads = [int(r.split(",")[2]) for r in rows[1:1001]]  # block 0 over t = 0..999
+    mask = model.width_table()["heads"][0]
+    assert heads == [bin(m).count("1") for m in mask]
+    assert (out / "widths.png").stat().st_size > 5000
+    err = error_of(["analyze", "widths", "digits-teacher", "--out", str(tmp_path / "dense")], capsys)
+    assert "not dynamic" in err and not (tmp_path / "dense").exists()

@@ -32,6 +32,7 @@ from ..compress.depth import (
     random_masks_losses,
     score_method,
 )
+from ..backbones import backbone
 from ..compress.depth.scheme import mask_to_indices
 from ..data import open_training_data
 from ..evaluate.activations import activation_statistics
@@ -194,6 +195,15 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     write_text_atomically(path, text.getvalue())
 
 
+def _check_plot_options(args: argparse.Namespace) -> None:
+    """--bins, --out and the calibration sizes of an analysis that writes a plot folder."""
+    if args.bins < 1:
+        raise ValueError(f"--bins must be at least 1, got {args.bins}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: pass a folder")
+    _check_sizes(args)
+
+
 def _check_sizes(args: argparse.Namespace) -> None:
     for option in ("calibration_size", "eval_batch_size"):
         if getattr(args, option) < 1:
@@ -212,11 +222,7 @@ def _thresholds(text: str) -> list[float]:
 
 def run_activations(args: argparse.Namespace) -> int:
     ks = _thresholds(args.k)
-    if args.bins < 1:
-        raise ValueError(f"--bins must be at least 1, got {args.bins}")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file: pass a folder")
-    _check_sizes(args)
+    _check_plot_options(args)
     model = open_model(args.model, args)
     check_data_option(args.data)
     dataset = open_training_data(args.data)
@@ -244,14 +250,10 @@ def run_widths(args: argparse.Namespace) -> int:
     from ..evaluate.plots import plot_widths
     from ..evaluate.widths import measure_token_shares, width_profile
 
-    if args.bins < 1:
-        raise ValueError(f"--bins must be at least 1, got {args.bins}")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file: pass a folder")
-    _check_sizes(args)
+    _check_plot_options(args)
     model = open_model(args.model, args)
     profile = width_profile(model)  # refuses a model that is not dynamic, before any work
-    if backbone_outer(model).settings.tokens:
+    if backbone(model).outer.settings.tokens:
         check_data_option(args.data)
         dataset = open_training_data(args.data)
         check_data_fits(model, dataset, args.data)
@@ -270,9 +272,3 @@ def run_widths(args: argparse.Namespace) -> int:
         print(f"{layer:>5} {profile.heads[layer].mean():>12.2f} {profile.groups[layer].mean():>13.2f} {share}")
     log(f"wrote {args.out / WIDTHS_PLOT} and {args.out / WIDTHS_TABLE}")
     return 0
-
-
-def backbone_outer(model):
-    from ..backbones import backbone
-
-    return backbone(model).outer
