@@ -79,6 +79,8 @@ class DynamicModel(nn.Module):
         self.num_tokens = adapter.spec.num_tokens
         self.last_macs: torch.Tensor | None = None  # (N,) MACs per image of the last forward
         self.mac_log: list[float] | None = None  # when a list: every forward's MACs are appended
+        # Blocks an outer wrapper runs in place of the dynamic blocks (calling them); not a child.
+        object.__setattr__(self, "block_overlay", None)
         from .macs import MacCounter
 
         self.macs = MacCounter.of(self)
@@ -172,7 +174,8 @@ class DynamicModel(nn.Module):
         own = getattr(self.backbone, name)
         # The ModuleList object is shared for the call only; the backbone's own list (and so
         # its state dict and its folder) never holds the routers.
-        self.backbone._modules[name] = self.dynamic_blocks
+        # An outer wrapper (token routing) may install its blocks, which call these.
+        self.backbone._modules[name] = self.block_overlay if self.block_overlay is not None else self.dynamic_blocks
         try:
             yield
         finally:
