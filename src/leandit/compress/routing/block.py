@@ -104,6 +104,17 @@ class RoutedBlock(nn.Module):
         self.record = False  # keep the kept-token indices of the last forward (for the token maps)
         self.kept: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # [(images, (n, k) token indices)]
 
+    def __getattr__(self, name: str) -> Any:
+        # The backbone's own forward may read its blocks' sub-modules (diffusers' DiT takes
+        # the conditioning from `transformer_blocks[0].norm1.emb`): they are the wrapped block's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("block")
+            if block is None:
+                raise
+            return getattr(block, name)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         x, args, kwargs = _take_tokens(args, kwargs)
         plan = self.plan
@@ -119,10 +130,11 @@ class RoutedBlock(nn.Module):
                 a, kw = _select_images(args, kwargs, group.images, x.shape[0])
                 order.append(group.images)
             mixed = None
-            for k, weight in group.capacities:
-                y = self._run(xs, ls, k, a, kw, group.images)
-                y = y if weight is None else weight.to(y.dtype) * y
-                mixed = y if mixed is None else mixed + y
+            with _inner_plan_for(self.block, group.images):
+                for k, weight in group.capacities:
+                    y = self._run(xs, ls, k, a, kw, group.images)
+                    y = y if weight is None else weight.to(y.dtype) * y
+                    mixed = y if mixed is None else mixed + y
             outputs.append(mixed)
         if len(outputs) == 1 and not order:
             return outputs[0]
@@ -179,6 +191,21 @@ class RoutedBlock(nn.Module):
             yield
         finally:
             handle.remove()
+
+
+@contextlib.contextmanager
+def _inner_plan_for(block: nn.Module, images: torch.Tensor | None) -> Iterator[None]:
+    """A wrapped block that carries a per-image plan of its own (a DyDiT block) sees the plan of
+    the images it runs on."""
+    plan = getattr(block, "plan", None)
+    if images is None or plan is None or not hasattr(plan, "subset"):
+        yield
+        return
+    block.plan = plan.subset(images)
+    try:
+        yield
+    finally:
+        block.plan = plan
 
 
 def _take_tokens(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
