@@ -122,24 +122,35 @@ class RoutedBlock(nn.Module):
         if plan is None or not plan.groups:  # no plan: the dense block (e.g. called outside a RoutedModel)
             return self.block(x, *args, **kwargs)
         logits = self.router(x).squeeze(-1)  # (N, T)
-        outputs, order = [], []
-        for group in plan.groups:
-            xs, ls, a, kw = x, logits, args, kwargs
-            if group.images is not None:
-                xs, ls = x.index_select(0, group.images), logits.index_select(0, group.images)
-                a, kw = _select_images(args, kwargs, group.images, x.shape[0])
-                order.append(group.images)
+        if len(plan.groups) == 1 and plan.groups[0].images is None:  # the whole batch in one region
             mixed = None
-            with _inner_plan_for(self.block, group.images):
-                for k, weight in group.capacities:
-                    y = self._run(xs, ls, k, a, kw, group.images)
-                    y = y if weight is None else weight.to(y.dtype) * y
-                    mixed = y if mixed is None else mixed + y
-            outputs.append(mixed)
-        if len(outputs) == 1 and not order:
-            return outputs[0]
-        out = torch.cat(outputs)  # images in group order
-        return out.index_select(0, torch.cat(order).argsort())  # back to batch order
+            for k, weight in plan.groups[0].capacities:
+                y = self._run(x, logits, k, args, kwargs, None)
+                y = y if weight is None else weight.to(y.dtype) * y
+                mixed = y if mixed is None else mixed + y
+            return mixed
+        # Images of several regions: one block call per distinct capacity, on every image
+        # that needs it (regions whose ratios share a bin share the call), each output added
+        # to its images with their region's mixing weight.
+        n = x.shape[0]
+        every = torch.arange(n, device=x.device)
+        runs: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        for group in plan.groups:
+            images = every if group.images is None else group.images
+            for k, weight in group.capacities:
+                runs.setdefault(k, []).append((images, weight))
+        out = None
+        for k, parts in runs.items():
+            images = torch.cat([i for i, _ in parts])
+            a, kw = _select_images(args, kwargs, images, n)
+            with _inner_plan_for(self.block, images):
+                y = self._run(x.index_select(0, images), logits.index_select(0, images), k, a, kw, images)
+            if any(w is not None for _, w in parts):
+                weights = torch.cat([(w.to(y.dtype) if w is not None else y.new_ones(())).expand(len(i)) for i, w in parts])
+                y = weights.view(-1, 1, 1) * y
+            # Every image's outputs sum to its result: added onto zeros, a single one stays exact.
+            out = (torch.zeros_like(x) if out is None else out).index_add(0, images, y.to(x.dtype))
+        return out
 
     def _run(self, x: torch.Tensor, logits: torch.Tensor, k: int, args: tuple, kwargs: dict, images) -> torch.Tensor:
         """The block on the top-k tokens of each image of x (n, T, D); the rest pass through."""
