@@ -261,6 +261,8 @@ class RoutedModel(nn.Module):
             "method": "DiffCR",
             "settings": {k: getattr(self.settings, k) for k in ("regions", "bins", "scale", "multiplier", "skipped_kv")},
             "frozen": self.schedule is not None,
+            # Around a DyDiT model the MACs here are token routing's alone, at full width.
+            "around": "DyDiT" if hasattr(self.inner, "last_widths") else None,
             "tokens": self.num_tokens,
             "schedule": table["schedule"],
             "mean_kept_per_layer": [round(v, 2) for v in schedule.mean(1).tolist()],
