@@ -166,6 +166,7 @@ class RoutedBlock(nn.Module):
         flat = x.reshape(n * t, d)
         kept = flat.index_select(0, rows).reshape(n, -1, d)  # (n, k, D)
         m = self._multiplier(logits.gather(1, index))  # (n, k) or None
+        kwargs = _token_mask_for(kwargs, index, t)
         with self._scaled_mlp(m):
             if self.skipped_kv:
                 y = _dit_block_with_all_keys(self.block, kept, x, *args, **kwargs)
@@ -217,6 +218,18 @@ def _inner_plan_for(block: nn.Module, images: torch.Tensor | None) -> Iterator[N
         yield
     finally:
         block.plan = plan
+
+
+def _token_mask_for(kwargs: dict, index: torch.Tensor, tokens: int) -> dict:
+    """A self-attention mask over the image tokens (diffusers' `attention_mask`, an additive
+    (n, 1, T) bias by the time a block sees it) cut to the kept tokens (n, 1, k)."""
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.shape[-1] != tokens:
+        return kwargs
+    if mask.dim() != 3:
+        raise ValueError(f"token routing reads a self-attention mask of shape (batch, 1, tokens); got {tuple(mask.shape)}")
+    kept = mask.expand(index.shape[0], -1, -1).gather(-1, index.unsqueeze(1).expand(-1, mask.shape[1], -1))
+    return {**kwargs, "attention_mask": kept}
 
 
 def _take_tokens(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
