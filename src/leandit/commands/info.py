@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         elif method == "dydit":
             line += f": target {record.get('target')} of the MACs ({record.get('steps', '?')} steps, --mix {record.get('loss', {}).get('mix', '?')})"
         elif method == "diffcr":
-            line += (f": {record.get('target', 0):.0%} less {'MACs' if record.get('training', {}).get('budget') == 'macs' else 'block tokens'} "
+            line += (f": {record.get('target', 0):.0%} {'fewer MACs' if record.get('training', {}).get('budget') == 'macs' else 'fewer block tokens'} "
                      f"targeted ({record.get('steps', '?')} steps, --mix {record.get('loss', {}).get('mix', '?')})")
         elif method == "recovery":
             line += f" ({record.get('loss', {}).get('mix', '?')}, {record.get('steps', '?')} steps)"

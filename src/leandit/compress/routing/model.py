@@ -84,7 +84,11 @@ class RoutedModel(nn.Module):
         # Under the backbone's own name, so block_list(self) and hooks on blocks see what runs.
         setattr(self, self.block_list_name, routed)
         self.ratios = nn.Parameter(torch.ones(len(routed), settings.regions))  # (L, R) kept ratios
-        self.schedule: torch.Tensor | None = None  # (L, R) capacities once frozen
+        # Frozen: the schedule follows the ratios (each at its nearest bin), so a folder's
+        # model and EMA weights each come back with their own; an explicit schedule overrides.
+        self.frozen = False
+        self._explicit_schedule: torch.Tensor | None = None
+        self._cached_schedule: tuple[tuple, torch.Tensor] | None = None
         self.last_macs: torch.Tensor | None = None  # (N,) MACs per image of the last forward
         self.mac_log: list[float] | None = None  # when a list: every forward's MACs are appended
         from .macs import RoutedMacs
@@ -113,16 +117,33 @@ class RoutedModel(nn.Module):
         ratios = self.kept_ratios().detach().cpu().tolist()
         return torch.tensor([[capacity(nearest_bin(r, bins), bins, T) for r in row] for row in ratios], dtype=torch.long)
 
+    @property
+    def schedule(self) -> torch.Tensor | None:
+        """The capacities (L, R) inference runs: an explicit schedule, else (frozen) the ratios'
+        nearest bins, else None (training interpolates; evaluation reads the nearest bins)."""
+        if self._explicit_schedule is not None:
+            return self._explicit_schedule
+        if not self.frozen:
+            return None
+        key = (self.ratios._version, self.ratios.data_ptr())
+        if self._cached_schedule is None or self._cached_schedule[0] != key:
+            self._cached_schedule = (key, self.hard_schedule())
+        return self._cached_schedule[1]
+
     def freeze(self) -> torch.Tensor:
-        """Fix the schedule at the nearest bins: from here on every block runs once per forward."""
-        self.set_schedule(self.hard_schedule())
+        """Fix the capacities at the ratios' nearest bins: from here on every block runs once per forward."""
+        self.frozen = True
         return self.schedule
 
     def set_schedule(self, schedule: torch.Tensor | list | None) -> None:
-        """A capacity schedule (L, R) (None: back to the learned ratios)."""
+        """An explicit capacity schedule (L, R); None: back to the learned ratios, unfrozen."""
         if schedule is None:
-            self.schedule = None
+            self._explicit_schedule, self.frozen = None, False
             return
+        self._explicit_schedule = self.check_schedule(schedule)
+
+    def check_schedule(self, schedule: torch.Tensor | list) -> torch.Tensor:
+        """`schedule` as capacities (L, R), or a one-line refusal of one that does not fit."""
         k = torch.as_tensor(schedule, dtype=torch.long).cpu()
         L, R, T = self.depth, self.settings.regions, self.num_tokens
         if k.dim() != 2 or k.shape != (L, R):
@@ -130,7 +151,7 @@ class RoutedModel(nn.Module):
                              f"{tuple(k.shape)} (a schedule of another model, or for a deeper one)")
         if bool((k < 1).any()) or bool((k > T).any()):
             raise ValueError(f"routing capacities must be between 1 and the {T} tokens of this model; got {k.min()}..{k.max()}")
-        self.schedule = k
+        return k
 
     def mac_ratio_per_region(self, schedule: torch.Tensor | None = None) -> torch.Tensor:
         """MACs of a schedule (default: the current one, else the nearest bins) / dense, per region (R,)."""

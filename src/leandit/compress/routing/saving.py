@@ -27,6 +27,9 @@ def saved_state(model: RoutedModel) -> tuple[dict[str, torch.Tensor], dict[str, 
         "settings": asdict(model.settings),
         "tokens": model.num_tokens,
         "schedule": table["schedule"],
+        # False: the schedule is the ratios' nearest bins (re-derived from whichever weights
+        # load: model or EMA); True: one set with set_schedule, kept as it is.
+        "explicit_schedule": model._explicit_schedule is not None,
         "macs_ratio_per_region": table["macs_ratio_per_region"],
     }
 
@@ -46,7 +49,11 @@ def build_saved(inner: nn.Module, tensors: Mapping[str, torch.Tensor], table: Ma
     with torch.no_grad():
         model.ratios.copy_(tensors["ratios"])
     try:
-        model.set_schedule(schedule)
+        checked = model.check_schedule(schedule)
     except ValueError as err:
         raise CheckpointError(f"the folder's routing schedule does not fit the model: {err}") from None
+    if table.get("explicit_schedule"):
+        model.set_schedule(checked)
+    else:
+        model.freeze()
     return model
