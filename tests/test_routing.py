@@ -460,3 +460,207 @@ def test_the_router_gradient_is_the_score_times_what_it_scales(scale, multiplier
                     values.append(float((routed(x, c) * g).sum()))
             fd = (values[0] - values[1]) / 2e-6
             assert fd == pytest.approx(float(expected[j]), rel=1e-6, abs=1e-9)
+
+
+# -- 4. bins, capacities and interpolation at their edges -----------------------------------
+
+@pytest.mark.parametrize("bins", [10, 4, 3])
+@pytest.mark.parametrize("n", [16, 256, 7, 10])
+def test_capacities_are_the_ceiling_of_ratio_times_tokens_in_exact_arithmetic(bins, n):
+    for i in range(1, bins + 1):
+        assert capacity(i, bins, n) == math.ceil(Fraction(i, bins) * n), (i, bins, n)
+    assert capacity(bins, bins, n) == n and capacity(1, bins, n) >= 1
+    with pytest.raises(ValueError):
+        capacity(0, bins, n)
+    with pytest.raises(ValueError):
+        capacity(bins + 1, bins, n)
+
+
+def test_capacities_do_not_fall_into_the_float_trap():
+    assert math.ceil(3 * 0.1 * 10) == 4  # 0.30000000000000004 * 10: the naive way is one too many
+    assert capacity(3, 10, 10) == 3 and capacity(3, 10, 20) == 6 and capacity(7, 10, 10) == 7
+    assert [capacity(i, 10, 16) for i in range(1, 11)] == [2, 4, 5, 7, 8, 10, 12, 13, 15, 16]
+    assert [capacity(i, 10, 7) for i in range(1, 11)] == [1, 2, 3, 3, 4, 5, 5, 6, 7, 7]
+
+
+def test_bin_pairs_and_weights_at_the_edges_on_the_bins_and_between():
+    assert bin_pair(1.0, 10) == (9, 10) and bin_pair(0.1, 10) == (1, 2)
+    assert bin_pair(1.7, 10) == (9, 10) and bin_pair(0.0, 10) == (1, 2)  # outside: the end pairs
+    for i in range(1, 10):
+        # On an inner bin (both ways of writing it): that bin is the lower end, weight 0.
+        for r in (i / 10, i * 0.1, float(Fraction(i, 10))):
+            assert bin_pair(r, 10) == (i, i + 1), r
+            assert float(interpolation_weight(torch.tensor(r, dtype=torch.float64), i, 10)) == pytest.approx(0, abs=1e-12)
+        # As float32 parameters hold them: the mix lands on the bin (weight ~0 above or ~1 below).
+        r32 = float(torch.tensor(i / 10, dtype=torch.float32))
+        lo, hi = bin_pair(r32, 10)
+        assert hi == lo + 1 and lo in (i - 1, i)
+        assert lo + float(interpolation_weight(torch.tensor(r32), lo, 10)) == pytest.approx(i, abs=1e-6)
+    assert bin_pair(0.55, 10) == (5, 6)
+    assert float(interpolation_weight(torch.tensor(0.55, dtype=torch.float64), 5, 10)) == pytest.approx(0.5)
+    assert float(interpolation_weight(torch.tensor(1.0), 9, 10)) == 1.0
+    assert bin_pair(0.6, 4) == (2, 3) and bin_pair(0.25, 4) == (1, 2) and bin_pair(0.75, 4) == (3, 4)
+
+
+def test_nearest_bins_round_halves_up_and_stay_in_range():
+    assert [nearest_bin(r, 10) for r in (0.3, 0.1 * 3, 0.54, 0.55, 0.56, 0.04, 0.0, 1.0, 1.5)] == [3, 3, 5, 6, 6, 1, 1, 10, 10]
+    assert nearest_bin(0.125, 4) == 1 and nearest_bin(0.375, 4) == 2  # halves up: 0.5 of a bin
+
+
+def test_clamp_ratios_keeps_values_in_range_and_passes_the_gradient():
+    r = torch.tensor([-1.0, 0.0, 0.05, 0.1, 0.5, 1.0, 1.2, 9.0], requires_grad=True)
+    out = clamp_ratios(r, 10)
+    assert out.detach().tolist() == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.5, 1.0, 1.0, 1.0])
+    g = torch.arange(8.0)
+    (out * g).sum().backward()
+    assert torch.equal(r.grad, g)
+
+
+def test_a_ratio_between_bins_mixes_the_two_capacities_outputs(routed3):
+    """In training, a block between bins runs both capacities and mixes the outputs with
+    (1 - w, w); the recorded runs and the output of block 1 say so."""
+    model = fresh(routed3).train()
+    with torch.no_grad():
+        model.ratios.fill_(1.0)
+        model.ratios[1] = 0.58  # bins 5 and 6 (8 and 10 tokens), w = 0.8
+    x, t, y = inputs(4, t=[40] * 4)
+    captured = {}
+    h = model.routed_blocks[1].register_forward_hook(lambda m, a, out: captured.update(x=a[0].detach(), args=a[1:], out=out.detach()))
+    with model.recording():
+        model(x, t, y)
+    h.remove()
+    block = model.routed_blocks[1]
+    assert [kept.shape[1] for _, kept in block.kept] == [8, 10]
+    w = float(torch.tensor(0.58) * 10 - 5)
+    assert w == pytest.approx(0.8, abs=1e-6)
+
+    def at(k):
+        block.plan = RoutePlan([RouteGroup(None, [(k, None)])])
+        try:
+            with torch.no_grad():
+                return block(captured["x"], *captured["args"])
+        finally:
+            block.plan = None
+
+    torch.testing.assert_close(captured["out"], (1 - w) * at(8) + w * at(10), rtol=1e-6, atol=1e-6)
+
+
+def test_the_job_projects_the_ratios_into_range_after_a_step(routed3):
+    model = fresh(routed3)
+    ema = fresh(routed3)
+    job = RouteJob(model, RoutingTraining(target=0.5), PLAIN)
+    values = [[1.3, 0.02, 0.5, 1.0], [-0.4, 0.1, 0.99, 2.0], [0.3, 0.05, 0.6, 0.7]]
+    set_ratios_(model, values)
+    set_ratios_(ema, values)
+    job.on_step_end(0, model, ema)
+    expected = torch.tensor(values).clamp(0.1, 1.0)
+    assert torch.equal(model.ratios.detach(), expected) and torch.equal(ema.ratios.detach(), expected)
+
+
+# -- 5. the budget losses and the MAC count ---------------------------------------------------
+
+def block_macs(k: int, d: int = D, mlp: int = 4 * D, tokens: int = T) -> int:
+    """An independent count of a DiT block at k of its tokens, per image: qkv 3 D^2 k,
+    attention scores and values 2 k^2 D, output projection D^2 k, MLP 2 D Dm k, adaLN 6 D^2,
+    and the router's D MACs on every one of the block's input tokens (it scores all of them)."""
+    return 3 * d * d * k + 2 * k * k * d + d * d * k + 2 * d * mlp * k + 6 * d * d + d * tokens
+
+
+def dense_dit_macs(depth: int, d: int = D, tokens: int = T, patch: int = 2, channels: int = 1, out: int = 2) -> int:
+    """The plain DiT per image: patch embedding, the timestep MLP (256 frequencies), blocks at
+    every token without routers, the final layer's adaLN and projection."""
+    blocks = depth * (block_macs(tokens, d, 4 * d, tokens) - d * tokens)
+    return tokens * patch * patch * channels * d + 256 * d + d * d + blocks + 2 * d * d + tokens * d * patch * patch * out
+
+
+def test_the_mac_coefficients_are_an_independent_count_of_a_dit_block(routed3):
+    macs = routed3.macs
+    assert macs.dense_total == dense_dit_macs(3)
+    assert macs.coefficients.tolist() == [[6 * D * D + D * T, 4 * D * D + 2 * D * 4 * D, 2 * D]] * 3
+    for k in (1, 2, 7, 13, 16):
+        assert macs.blocks(torch.full((3,), k)).tolist() == [block_macs(k)] * 3
+    assert float(macs.total(torch.full((3,), T))) == dense_dit_macs(3) + 3 * D * T  # dense + the routers
+
+
+def test_the_mac_count_of_a_forward_is_torchs_flop_counter(routed3):
+    """At several schedules (regions with different capacities), the MACs the model reports
+    for a forward are what torch's FLOP counter counts for it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from leandit.models.flops import _register_cpu_attention
+
+    _register_cpu_attention()
+    model = fresh(routed3).eval()
+    x, t, y = inputs(8)
+    for schedule in ([[1, 2, 3, 4], [16, 9, 5, 7], [8, 8, 16, 1]], [[16] * 4] * 3, [[5] * 4] * 3):
+        model.set_schedule(schedule)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x, t, y)
+        k = torch.tensor(schedule)
+        regions = regions_of(t, 4, "diffusion")
+        by_hand = [model.macs.fixed + sum(block_macs(int(k[layer, g])) for layer in range(3)) for g in regions.tolist()]
+        assert model.last_macs.tolist() == pytest.approx(by_hand, rel=1e-12)
+        assert counter.get_total_flops() / 2 == pytest.approx(sum(by_hand), rel=1e-12)
+    assert model.macs.fixed == dense_dit_macs(3) - 3 * (block_macs(T) - D * T)
+
+
+def test_the_ratio_budget_is_the_squared_gap_of_the_mean_kept_ratio(routed3):
+    model = set_ratios_(fresh(routed3), [[0.3, 0.5, 0.8, 1.0], [0.1, 0.6, 0.4, 0.2], [0.9, 0.7, 1.3, 0.05]])
+    job = RouteJob(model, RoutingTraining(target=0.7), PLAIN)
+    loss, logs = job.budget()
+    kept = [0.3, 0.5, 0.8, 1.0, 0.1, 0.6, 0.4, 0.2, 0.9, 0.7, 1.0, 0.1]  # read clamped
+    mean = sum(kept) / 12
+    assert float(loss.detach()) == pytest.approx((mean - 0.3) ** 2, rel=1e-6)
+    assert float(logs["kept_ratio"]) == pytest.approx(mean, rel=1e-6)
+    assert float(ratio_budget_loss(torch.tensor([0.5, 0.7]), 0.3)) == pytest.approx((0.6 - 0.7) ** 2)
+    loss.backward()
+    # d / d r_i = 2 (mean - 0.3) / 12, for clamped ratios too
+    assert model.ratios.grad.flatten().tolist() == pytest.approx([2 * (mean - 0.3) / 12] * 12, rel=1e-6)
+
+
+def test_the_mac_budget_interpolates_the_block_counts_between_bins(routed3):
+    """The MAC ratio training sees: per block and region (1 - w) M(k_lo) + w M(k_hi) by the
+    independent block count, plus the fixed part, over the dense count, mean over regions;
+    its gradient w.r.t. a ratio is bins (M(k_hi) - M(k_lo)) / dense / regions."""
+    values = [[0.35, 0.5, 0.82, 1.0], [0.1, 0.64, 0.47, 0.21], [0.95, 0.7, 0.3, 0.58]]
+    model = set_ratios_(fresh(routed3), values).double()
+    dense = dense_dit_macs(3)
+    fixed = dense - 3 * (block_macs(T) - D * T)
+    per_region, slopes = [], []
+    for g in range(4):
+        total = fixed
+        for layer in range(3):
+            r = float(torch.tensor(values[layer][g], dtype=torch.float32))  # as the parameter holds it
+            lo = min(math.floor(r * 10 + 1e-9), 9)
+            w = r * 10 - lo
+            m_lo, m_hi = block_macs(math.ceil(Fraction(lo, 10) * T)), block_macs(math.ceil(Fraction(lo + 1, 10) * T))
+            total += (1 - w) * m_lo + w * m_hi
+            slopes.append(10 * (m_hi - m_lo) / dense / 4)
+        per_region.append(total / dense)
+    expected = sum(per_region) / 4
+    ratio = model.interpolated_mac_ratio()
+    assert float(ratio.detach()) == pytest.approx(expected, rel=1e-9)
+    ratio.backward()
+    assert model.ratios.grad.T.flatten().tolist() == pytest.approx(slopes, rel=1e-9)
+    job = RouteJob(model, RoutingTraining(target=0.3, budget="macs"), PLAIN)
+    loss, logs = job.budget()
+    assert float(loss.detach()) == pytest.approx((expected - 0.7) ** 2, rel=1e-9)
+    assert float(logs["macs_ratio"]) == pytest.approx(expected, rel=1e-9)
+    assert float(mac_budget_loss(torch.tensor(0.5), 0.3)) == pytest.approx(0.04)
+    # The frozen schedule's MAC ratio per region: each ratio at its nearest bin, by hand.
+    nearest = [[math.ceil(Fraction(nearest_bin(float(torch.tensor(v, dtype=torch.float32)), 10), 10) * T) for v in row] for row in values]
+    assert model.hard_schedule().tolist() == nearest
+    frozen = [(fixed + sum(block_macs(nearest[layer][g]) for layer in range(3))) / dense for g in range(4)]
+    assert model.mac_ratio_per_region().tolist() == pytest.approx(frozen, rel=1e-12)
+
+
+def test_the_reachable_floor_is_every_block_at_the_lowest_bin(routed3):
+    assert RouteJob.reachable(routed3, "ratio") == pytest.approx(0.1)
+    dense = dense_dit_macs(3)
+    floor = (dense - 3 * (block_macs(T) - D * T) + 3 * block_macs(2)) / dense  # 2 = ceil(0.1 * 16) tokens
+    assert RouteJob.reachable(routed3, "macs") == pytest.approx(floor, rel=1e-12)
+    with pytest.raises(ValueError) as err:
+        RouteJob(fresh(routed3), RoutingTraining(target=1 - floor + 0.01, budget="macs"), PLAIN)
+    assert f"at most {math.floor((1 - floor) * 100) / 100:g}" in one_line(err)
+    RouteJob(fresh(routed3), RoutingTraining(target=1 - floor - 0.01, budget="macs"), PLAIN)
+    RouteJob(fresh(routed3), RoutingTraining(target=0.9), PLAIN)  # the ratio budget reaches 0.1
