@@ -664,3 +664,314 @@ def test_the_reachable_floor_is_every_block_at_the_lowest_bin(routed3):
     assert f"at most {math.floor((1 - floor) * 100) / 100:g}" in one_line(err)
     RouteJob(fresh(routed3), RoutingTraining(target=1 - floor - 0.01, budget="macs"), PLAIN)
     RouteJob(fresh(routed3), RoutingTraining(target=0.9), PLAIN)  # the ratio budget reaches 0.1
+
+
+# -- 6. a training step, the frozen schedule, the model folder --------------------------------
+
+def test_a_route_job_step_reaches_every_router_and_ratio_and_stratifies_regions(routed3):
+    from leandit.diffusion import StepRandom
+
+    model = set_ratios_(fresh(routed3), 0.65).train()
+    job = RouteJob(model, RoutingTraining(target=0.5), PLAIN)
+    x, _, y = inputs(8)
+    random = StepRandom(seed=0, step=0, global_batch=8, rank=0, world_size=1, device=torch.device("cpu"))
+    _, t, _, _ = job.draw_inputs((x, y), StepRandom(seed=0, step=0, global_batch=8, rank=0, world_size=1, device=torch.device("cpu")))
+    assert regions_of(t, 4, "diffusion").tolist() == [0, 1, 2, 3, 0, 1, 2, 3]  # image i in region i mod 4
+    loss, logs = job.compute_loss(model, (x, y), random)
+    assert float(logs["budget_loss"]) == pytest.approx((0.65 - 0.5) ** 2, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(model.ratios.grad).all() and (model.ratios.grad != 0).all()  # every block, every region
+    for i, block in enumerate(model.routed_blocks):
+        grad = block.router.weight.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, i
+    assert model.inner.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    groups = job.parameter_groups()
+    assert [g["name"] for g in groups] == ["weights", "routers"]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.router_parameters()}
+    assert groups[1]["weight_decay"] == 0.0
+
+
+def test_unfrozen_eval_equals_the_frozen_model_and_frozen_training_runs_one_capacity(routed3):
+    model = set_ratios_(fresh(routed3), [[0.34, 0.55, 0.81, 1.0], [0.12, 0.66, 0.47, 0.26], [0.96, 0.74, 0.3, 0.5]])
+    x, t, y = inputs(8)
+    with torch.no_grad():
+        unfrozen = model.eval()(x, t, y)
+        unfrozen_macs = model.last_macs.clone()
+    schedule = model.freeze().clone()
+    expected = [[math.ceil(Fraction(nearest_bin(float(torch.tensor(v)), 10), 10) * T) for v in row]
+                for row in [[0.34, 0.55, 0.81, 1.0], [0.12, 0.66, 0.47, 0.26], [0.96, 0.74, 0.3, 0.5]]]
+    assert schedule.tolist() == expected == [[5, 10, 13, 16], [2, 12, 8, 5], [16, 12, 5, 8]]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, t, y), unfrozen)
+    assert torch.equal(model.last_macs, unfrozen_macs)
+    # Frozen, in training mode (gradients on): one run per block and group, at its scheduled k.
+    model.train()
+    with model.recording():
+        out = model(x, t, y)
+    regions = regions_of(t, 4, "diffusion")
+    for layer, block in enumerate(model.routed_blocks):
+        runs = [(int(regions[images[0]]), kept.shape[1]) for images, kept in block.kept]
+        assert runs == [(g, int(schedule[layer, g])) for g in sorted(set(regions.tolist()))]
+    torch.testing.assert_close(out.detach(), unfrozen, rtol=0, atol=0)  # straight-through: value exactly 1
+    out.sum().backward()
+    assert model.routed_blocks[0].router.weight.grad.abs().sum() > 0  # the routers still learn
+    # Back to the learned ratios: training mixes two capacities again.
+    model.set_schedule(None)
+    with model.recording():
+        model(x, t, y)
+    assert len(model.routed_blocks[0].kept) == 2 * len(set(regions.tolist()))
+
+
+def test_the_schedule_routers_and_ratios_round_trip_through_the_model_folder(routed3, tmp_path):
+    from safetensors.torch import load_file
+
+    model = set_ratios_(fresh(routed3), [[0.34, 0.55, 0.81, 1.0], [0.12, 0.66, 0.47, 0.26], [0.96, 0.74, 0.3, 0.5]])
+    folder = leandit.save_model(model, tmp_path / "model")
+    assert (folder / "wrapper-0-diffcr.safetensors").exists()
+    meta = json.loads((folder / "config.json").read_text())["wrappers"][0]
+    assert meta["type"] == "diffcr"
+    table = meta["table"]
+    assert table["schedule"] == model.hard_schedule().tolist() and table["tokens"] == T
+    assert table["settings"] == {"regions": 4, "bins": 10, "scale": "mlp", "multiplier": "straight-through", "skipped_kv": False}
+    assert table["macs_ratio_per_region"] == pytest.approx(model.mac_ratio_per_region().tolist(), abs=1e-4)
+    tensors = load_file(str(folder / "wrapper-0-diffcr.safetensors"))
+    assert sorted(tensors) == ["blocks.0.router.weight", "blocks.1.router.weight", "blocks.2.router.weight", "ratios"]
+
+    loaded = leandit.load_model(folder)
+    assert isinstance(loaded, RoutedModel) and loaded.settings == model.settings
+    assert loaded.schedule is not None and torch.equal(loaded.schedule, model.hard_schedule())
+    assert torch.equal(loaded.ratios.detach(), model.ratios.detach())
+    for a, b in zip(loaded.routed_blocks, model.routed_blocks):
+        assert torch.equal(a.router.weight, b.router.weight)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    x, t, y = inputs(8)
+    with torch.no_grad():
+        # The same kernels on the same shapes; a loaded tensor may sit at another memory
+        # alignment, so float rounding is allowed, no more.
+        torch.testing.assert_close(loaded.eval()(x, t, y), model.eval()(x, t, y), rtol=1e-6, atol=1e-6)
+    assert torch.equal(loaded.last_macs, model.last_macs)
+    assert loaded.summary()["frozen"] and loaded.summary()["schedule"] == model.hard_schedule().tolist()
+    # The backbone's own file stays a plain model's.
+    assert set(load_file(str(folder / "model.safetensors"))) == set(model.inner.state_dict())
+
+
+def test_a_flow_model_routes_by_its_own_regions(tmp_path):
+    """SiT: t in [0, 1], region 0 the noisiest; a round trip keeps its schedule."""
+    sit = randomize_(tiny_model(hidden_size=D, num_heads=HEADS, depth=2, objective="flow", learn_sigma=False), std=0.2)
+    model = random_routers_(RoutedModel(sit, RoutingSettings(regions=2)))
+    model.set_schedule([[4, 12], [9, 2]])
+    x, _, y = inputs(4)
+    t = torch.tensor([0.1, 0.9, 0.4, 0.6])
+    with torch.no_grad(), model.recording():
+        model.eval()(x, t, y)
+    runs = sorted((images.tolist(), kept.shape[1]) for images, kept in model.routed_blocks[1].kept)
+    assert runs == [([0, 2], 9), ([1, 3], 2)]
+    loaded = leandit.load_model(leandit.save_model(model, tmp_path / "sit"))
+    assert loaded.schedule.tolist() == [[4, 12], [9, 2]] and loaded.objective == "flow"
+
+
+def test_skipped_tokens_as_keys_and_values_give_the_dense_blocks_kept_rows():
+    """--skipped-kv: a kept token's query attends to every token's key and value; each token's
+    residual and MLP are its own, so the kept rows are the dense block's rows at those
+    positions (run on all 16 tokens here); the MACs lose the k^2 term."""
+    model = dense_dit(1)
+    routed_model = RoutedModel(model, RoutingSettings(regions=1, skipped_kv=True))
+    c0, c1, c2 = routed_model.macs.coefficients[0].tolist()
+    assert (c0, c1, c2) == (6 * D * D + D * T + 2 * D * D * T, 2 * D * D + 2 * D * 4 * D + 2 * T * D, 0.0)
+    routed = routed_model.routed_blocks[0]
+    with torch.no_grad():
+        routed.router.weight.copy_(torch.randn(1, D, generator=torch.Generator().manual_seed(8)))
+    block = routed.block
+    gen = torch.Generator().manual_seed(9)
+    x, c = torch.randn(3, T, D, generator=gen), torch.randn(3, D, generator=gen)
+    routed.plan = RoutePlan([RouteGroup(None, [(5, None)])])
+    with torch.no_grad():
+        out = routed(x, c)
+        dense = block(x, c)
+    index = top_k_spatial(x, routed.router.weight, 5)
+    rows = torch.arange(3).unsqueeze(1)
+    torch.testing.assert_close(out[rows, index], dense[rows, index], rtol=1e-5, atol=1e-6)
+    skipped = torch.ones(3, T, dtype=torch.bool)
+    skipped[rows, index] = False
+    assert torch.equal(out[skipped], x[skipped])
+    # Attention among the kept tokens alone (the default) is another function.
+    assert (by_hand(block, x, (c,), {}, torch.arange(3), index)[rows, index] - dense[rows, index]).abs().max() > 1e-3
+
+
+def test_pixarts_image_attention_mask_is_applied_to_the_kept_tokens():
+    """PixArt can take a self-attention mask over the image tokens (N, 16). A routed block
+    must read it for the tokens it keeps: the kept rows are the block on those tokens with the
+    mask of those tokens (or the call is refused in one line).
+
+    FAILS at e5309f2: RoutedBlock passes the (N, 1, 16) mask bias on unchanged to a block run
+    on k tokens, and diffusers' attention raises 'The size of tensor a (8) must match the size
+    of tensor b (24)' (routing/block.py, `_run`: only `x` is gathered)."""
+    model = family_model("pixart")
+    x, t, cond = family_inputs("pixart")
+    image_mask = torch.ones(4, T, dtype=torch.long)
+    image_mask[:, 11:] = 0
+    calls = {}
+    block = block_list(model)[1]
+    handle = block.register_forward_pre_hook(lambda m, a, kw: calls.setdefault("call", (a, dict(kw))) and None, with_kwargs=True)
+    with torch.no_grad():
+        backbone(model).predict(x, t, cond, attention_mask=image_mask)
+    handle.remove()
+    args, kwargs = calls["call"]
+    tokens = args[0] if args else kwargs.pop("hidden_states")
+    args = args[1:]
+    bias = kwargs["attention_mask"]  # (N, 1, T) additive
+    assert bias is not None and bias.shape[-1] == T
+    routed = routed_block(block, scale="update")
+    routed.plan = RoutePlan([RouteGroup(None, [(8, None)])])
+    try:
+        with torch.no_grad():
+            out = routed(tokens, *args, **kwargs)
+    except ValueError as err:  # a refusal is acceptable if it is one line
+        assert str(err) and "\n" not in str(err)
+        return
+    index = top_k_spatial(tokens, routed.router.weight, 8)
+    rows = torch.arange(4).unsqueeze(1)
+    kept_bias = bias.gather(-1, index.unsqueeze(1))  # (N, 1, k): the mask of the kept keys
+    with torch.no_grad():
+        y = block(tokens[rows, index], *args, **{**kwargs, "attention_mask": kept_bias})
+    torch.testing.assert_close(out[rows, index], y, rtol=1e-5, atol=1e-6)
+
+
+# -- 7. bad inputs: one-line errors ---------------------------------------------------------
+
+@pytest.mark.parametrize("target", [0.0, 1.0, 1.5, -0.1, float("nan"), float("inf")])
+def test_a_target_outside_zero_to_one_is_refused(target):
+    with pytest.raises(ValueError) as err:
+        RoutingTraining(target=target)
+    assert "(0, 1)" in one_line(err)
+
+
+def test_bad_training_and_routing_settings_are_refused_in_one_line():
+    for bad in (dict(budget="flops"), dict(budget_weight=0.0), dict(budget_weight=float("nan")), dict(router_lr=-1.0),
+                dict(router_lr=float("inf"))):
+        with pytest.raises(ValueError) as err:
+            RoutingTraining(target=0.5, **bad)
+        one_line(err)
+    for bad, word in ((dict(scale="attention"), "--scale"), (dict(multiplier="gumbel"), "--multiplier"),
+                      (dict(regions=0), "--regions"), (dict(bins=1), "--bins")):
+        with pytest.raises(ValueError) as err:
+            RoutingSettings(**bad)
+        assert word in one_line(err)
+    block = dense_dit(1).blocks[0]
+    for bad in (dict(scale="attention"), dict(multiplier="gumbel")):
+        with pytest.raises(ValueError) as err:
+            RoutedBlock(block, **bad)
+        one_line(err)
+
+
+def test_schedules_that_do_not_fit_the_model_are_refused(routed3):
+    model = fresh(routed3)
+    model.set_schedule([[4] * 4] * 3)
+    for bad, word in (([[4] * 4] * 4, "shape (4, 4)"), ([[4] * 4] * 2, "shape (2, 4)"), ([[4] * 5] * 3, "shape (3, 5)"),
+                      ([4, 4, 4], "shape (3,)"), ([[4] * 4, [4] * 4, [0, 4, 4, 4]], "between 1 and the 16"),
+                      ([[4] * 4, [4] * 4, [4, 17, 4, 4]], "between 1 and the 16"),
+                      ([[4] * 4, [4] * 4, [4, -3, 4, 4]], "between 1 and the 16")):
+        with pytest.raises(ValueError) as err:
+            model.set_schedule(bad)
+        assert word in one_line(err), bad
+        assert model.schedule.tolist() == [[4] * 4] * 3  # the old schedule stays
+    with pytest.raises(ValueError) as err:
+        RouteJob(model, RoutingTraining(target=0.5), PLAIN)  # frozen: nothing to train
+    assert "frozen" in one_line(err)
+    with pytest.raises(TypeError):
+        RouteJob(model.inner, RoutingTraining(target=0.5), PLAIN)
+
+
+def test_skipped_kv_on_a_diffusers_model_and_a_dydit_model_with_token_routers_are_refused():
+    from leandit.compress.dynamic import DynamicModel
+
+    with pytest.raises(ValueError) as err:
+        RoutedModel(family_model("dit"), RoutingSettings(skipped_kv=True))
+    assert "leandit DiT/SiT blocks only" in one_line(err)
+    with pytest.raises(ValueError) as err:
+        RoutedModel(DynamicModel(dense_dit(2)))
+    assert "--no-tokens" in one_line(err)
+
+
+def test_a_dydit_model_without_token_routers_routes_as_loaded():
+    """A DyDiT model made with --no-tokens, in evaluation mode as load_model hands it out:
+    routed at ratio 1 it is the DyDiT model, and a schedule runs each block at its k.
+
+    FAILS at e5309f2: RoutedModel(...) raises NotImplementedError 'Cannot copy out of meta
+    tensor; no data!': RoutedMacs.of (routing/macs.py, `adapter.predict` on the meta copy)
+    runs the DyDiT wrapper's evaluation path, whose width decisions are moved to the host
+    (dynamic/model.py `_plans`, `.cpu()`). A DyDiT model in training mode routes."""
+    from leandit.compress.dynamic import DynamicModel, DynamicSettings
+
+    dydit = DynamicModel(dense_dit(2), DynamicSettings(tokens=False)).eval()
+    routed = RoutedModel(dydit, RoutingSettings(regions=1)).eval()
+    x, t, y = inputs(4, t=[500] * 4)
+    with torch.no_grad():
+        assert torch.equal(routed(x, t, y), dydit(x, t, y))
+        routed.set_schedule([[6], [3]])
+        with routed.recording():
+            out = routed(x, t, y)
+    assert [kept.shape[1] for block in routed.routed_blocks for _, kept in block.kept] == [6, 3]
+    assert (out - dydit(x, t, y)).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def routed1() -> RoutedModel:
+    return random_routers_(RoutedModel(dense_dit(1)))
+
+
+@pytest.fixture
+def saved_routed(routed1, tmp_path):
+    """A one-block routed model's folder (every load measures the blocks' MACs again)."""
+    model = set_ratios_(fresh(routed1), 0.5)
+    folder = leandit.save_model(model, tmp_path / "model")
+    return folder, folder / "wrapper-0-diffcr.safetensors"
+
+
+def refused(folder, *words) -> None:
+    with pytest.raises(leandit.models.infer.CheckpointError) as err:
+        leandit.load_model(folder)
+    text = one_line(err)
+    assert all(w in text for w in words), text
+
+
+def test_damaged_or_mismatched_router_files_are_one_line_checkpoint_errors(saved_routed, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, routers = saved_routed
+    good = load_file(str(routers))
+    key = "blocks.0.router.weight"
+    save_file({**good, key: torch.full_like(good[key], float("nan"))}, str(routers))
+    refused(folder, "NaN")
+    save_file({**good, "ratios": torch.full_like(good["ratios"], float("inf"))}, str(routers))
+    refused(folder, "NaN or inf")
+    save_file({**good, key: torch.zeros(1, D + 1)}, str(routers))
+    refused(folder, "mis-shaped", key)
+    save_file({**good, "ratios": torch.ones(1, 2)}, str(routers))
+    refused(folder, "mis-shaped", "ratios")
+    save_file({k: v for k, v in good.items() if k != key}, str(routers))
+    refused(folder, "missing", key)
+    save_file({**good, "blocks.1.router.weight": torch.zeros(1, D)}, str(routers))  # a deeper model's
+    refused(folder, "unexpected", "blocks.1.router.weight")
+    routers.write_bytes(routers.read_bytes()[:50])
+    refused(folder, "wrapper-0-diffcr.safetensors")
+
+
+def test_a_folder_whose_schedule_or_table_does_not_fit_is_refused(saved_routed):
+    folder, _ = saved_routed
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    table = config["wrappers"][0]["table"]
+    assert table["schedule"] == [[8] * 4]
+    for schedule, words in (([], ("schedule does not fit",)),
+                            (table["schedule"] + [[8] * 4], ("schedule does not fit", "shape (2, 4)")),
+                            ([row[:3] for row in table["schedule"]], ("schedule does not fit", "shape (1, 3)")),
+                            ([[17, 8, 8, 8]], ("schedule does not fit", "between 1 and the 16"))):
+        path.write_text(json.dumps({**config, "wrappers": [{**config["wrappers"][0], "table": {**table, "schedule": schedule}}]}))
+        refused(folder, *words)
+    bad_settings = {**table, "settings": {**table["settings"], "scale": "attention"}}
+    path.write_text(json.dumps({**config, "wrappers": [{**config["wrappers"][0], "table": bad_settings}]}))
+    refused(folder, "routing table")
+    no_schedule = {k: v for k, v in table.items() if k != "schedule"}
+    path.write_text(json.dumps({**config, "wrappers": [{**config["wrappers"][0], "table": no_schedule}]}))
+    refused(folder, "routing table")
