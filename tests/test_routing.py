@@ -259,6 +259,29 @@ def test_at_ratio_one_the_routed_model_is_the_dense_model(routed3):
         torch.testing.assert_close(model.eval()(x, t, y), dense(x, t, y), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_routed_model_of_each_family_runs_its_schedule(family):
+    """The whole backbone with its block list swapped for the routed blocks: at ratio 1 the
+    plain model; with a schedule, each block keeps its scheduled k of the tokens it gets.
+
+    FAILS for "dit" at e5309f2: diffusers' DiTTransformer2DModel.forward reads
+    `self.transformer_blocks[0].norm1.emb` for its output layer, and while a RoutedModel runs
+    that list holds RoutedBlocks (routing/model.py `_running_routed_blocks`), which have no
+    `norm1`: AttributeError in every forward (training and inference) of a routed diffusers DiT."""
+    model = family_model(family)
+    x, t, cond = family_inputs(family)
+    routed = random_routers_(RoutedModel(model, RoutingSettings(regions=1))).eval()
+    with torch.no_grad():
+        dense = backbone(model).predict(x, t, cond)
+        assert torch.equal(backbone(routed).predict(x, t, cond), dense)
+        routed.set_schedule([[6], [11]])
+        with routed.recording():
+            out = backbone(routed).predict(x, t, cond)
+    assert [kept.shape for block in routed.routed_blocks for _, kept in block.kept] == [(4, 6), (4, 11)]
+    assert (out - dense).abs().max() > 1e-4
+    assert block_list(model)[0] is routed.routed_blocks[0].block  # the backbone's own list is back
+
+
 def set_ratios_(model: RoutedModel, values) -> RoutedModel:
     with torch.no_grad():
         model.ratios.copy_(torch.as_tensor(values, dtype=model.ratios.dtype).expand_as(model.ratios))
