@@ -173,17 +173,16 @@ def test_a_routed_block_at_all_tokens_is_the_dense_block_bit_for_bit(family):
     block = block_list(model)[1]
     with torch.no_grad():
         dense = block(x, *args, **kwargs)
-    for multiplier in ("straight-through",):
-        routed = routed_block(block, multiplier=multiplier, scale="update" if family != "leandit" else "mlp")
-        routed.plan = RoutePlan([RouteGroup(None, [(x.shape[1], None)])])
-        with torch.no_grad():  # inference: the block itself, no gather
-            assert torch.equal(routed(x, *args, **kwargs), dense)
-        # Training (gradients on): every token gathered, the multiplier is exactly 1; the same shapes.
-        out = routed(x, *args, **kwargs)
-        assert out.requires_grad and torch.equal(out, dense)
-        # Two mixed capacities that are both N with weights 0.25 / 0.75: exactly the block again.
-        routed.plan = RoutePlan([RouteGroup(None, [(x.shape[1], torch.tensor(0.25)), (x.shape[1], torch.tensor(0.75))])])
+    routed = routed_block(block)
+    routed.plan = RoutePlan([RouteGroup(None, [(x.shape[1], None)])])
+    with torch.no_grad():  # inference: the block itself, no gather
         assert torch.equal(routed(x, *args, **kwargs), dense)
+    # Training (gradients on): every token gathered, the multiplier is exactly 1; the same shapes.
+    out = routed(x, *args, **kwargs)
+    assert out.requires_grad and torch.equal(out, dense)
+    # Two mixed capacities that are both N with weights 0.25 / 0.75: exactly the block again.
+    routed.plan = RoutePlan([RouteGroup(None, [(x.shape[1], torch.tensor(0.25)), (x.shape[1], torch.tensor(0.75))])])
+    assert torch.equal(routed(x, *args, **kwargs), dense)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -193,7 +192,7 @@ def test_kept_tokens_are_the_block_on_exactly_those_tokens_and_skipped_ones_pass
     x, args, kwargs = captured_call(model, 1, *family_inputs(family))
     n = x.shape[0]
     block = block_list(model)[1]
-    routed = routed_block(block, scale="update" if family == "pixart" else "mlp")
+    routed = routed_block(block)
     routed.plan = RoutePlan([RouteGroup(None, [(k, None)])])
     routed.record = True
     for grad in (False, True):  # inference, and training with the straight-through multiplier (value 1)
@@ -697,10 +696,10 @@ def test_a_route_job_step_reaches_every_router_and_ratio_and_stratifies_regions(
     model = set_ratios_(fresh(routed3), 0.65).train()
     job = RouteJob(model, RoutingTraining(target=0.5), PLAIN)
     x, _, y = inputs(8)
-    random = StepRandom(seed=0, step=0, global_batch=8, rank=0, world_size=1, device=torch.device("cpu"))
-    _, t, _, _ = job.draw_inputs((x, y), StepRandom(seed=0, step=0, global_batch=8, rank=0, world_size=1, device=torch.device("cpu")))
+    random = lambda: StepRandom(seed=0, step=0, global_batch=8, rank=0, world_size=1, device=torch.device("cpu"))  # noqa: E731
+    _, t, _, _ = job.draw_inputs((x, y), random())
     assert regions_of(t, 4, "diffusion").tolist() == [0, 1, 2, 3, 0, 1, 2, 3]  # image i in region i mod 4
-    loss, logs = job.compute_loss(model, (x, y), random)
+    loss, logs = job.compute_loss(model, (x, y), random())
     assert float(logs["budget_loss"]) == pytest.approx((0.65 - 0.5) ** 2, rel=1e-5)
     loss.backward()
     assert torch.isfinite(model.ratios.grad).all() and (model.ratios.grad != 0).all()  # every block, every region
