@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"routing     DiffCR token routing, {dynamic['macs_ratio']:.1%} of the MACs on average over {regions} timestep "
               f"region{'s' if regions > 1 else ''} ({per_region}; region 1 = t nearest the data for DiT, the noise for SiT), "
               f"scale {settings['scale']}, {settings['multiplier']} multiplier"
-              + (", skipped tokens as keys/values" if settings["skipped_kv"] else ""))
+              + (", skipped tokens as keys/values" if settings["skipped_kv"] else "")
+              + (" (around DyDiT: at full width; its narrower widths save more, `leandit bench --trajectory` counts both)"
+                 if dynamic.get("around") == "DyDiT" else ""))
         kept = ", ".join(f"{v:g}" for v in dynamic["mean_kept_per_layer"])
         print(f"tokens      mean kept tokens per block (of {dynamic['tokens']}): {kept}"
               + ("" if dynamic["frozen"] else " (ratios not frozen: their nearest bins)"))

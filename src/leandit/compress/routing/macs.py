@@ -39,12 +39,15 @@ class RoutedMacs:
         _register_cpu_attention()
         dense_total = forward_flops(peel_wrappers(model.inner)[0], 1) // 2
         meta = _meta_copy(model)
-        inner_blocks = block_list(meta.inner)
+        # The blocks' calls are read off the plain backbone (the same arguments reach any
+        # wrapper's blocks; a DyDiT model's own decisions cannot run on meta tensors).
+        plain = peel_wrappers(meta.inner)[0]
+        inner_blocks = block_list(plain)
         calls: dict[int, tuple[tuple, dict]] = {}
         handles = [b.register_forward_pre_hook(lambda m, a, kw, i=i: calls.setdefault(i, (a, kw)) and None, with_kwargs=True)
                    for i, b in enumerate(inner_blocks)]
         try:
-            adapter = backbone(meta.inner)
+            adapter = backbone(plain)
             x, t, cond = adapter.example_inputs(1, "meta")
             with torch.no_grad():
                 adapter.predict(x, t, cond)

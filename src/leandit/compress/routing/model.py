@@ -152,7 +152,7 @@ class RoutedModel(nn.Module):
     # -- running -----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         t = kwargs["timestep"] if "timestep" in kwargs else args[1]  # diffusers' call or (x, t, y)
-        plans, macs = self._plans(t)
+        plans, macs, tokens = self._plans(t)
         blocks = self.routed_blocks
         for block, plan in zip(blocks, plans):
             block.plan = plan
@@ -162,13 +162,19 @@ class RoutedModel(nn.Module):
         finally:
             for block in blocks:
                 block.plan = None
+        widths = getattr(self.inner, "last_widths", None)
+        if widths is not None:  # around a DyDiT model: its widths at the tokens each block ran on
+            heads, channels = widths
+            routers = self.depth * self.routed_blocks[0].hidden_size * self.num_tokens
+            macs = self.inner.macs.routed(heads, channels, tokens.to(heads.device)).cpu() + routers
         self.last_macs = macs
         if self.mac_log is not None:  # a measurement is counting (leandit bench)
             self.mac_log.append(float(macs.sum()))
         return out
 
-    def _plans(self, t: torch.Tensor) -> tuple[list[RoutePlan], torch.Tensor]:
-        """Each block's plan and the MACs (N,) per image it implies."""
+    def _plans(self, t: torch.Tensor) -> tuple[list[RoutePlan], torch.Tensor, torch.Tensor]:
+        """Each block's plan, the MACs (N,) per image it implies and the tokens (N, L) each
+        image runs each block on (in training: the interpolation's mean of the two capacities)."""
         R, bins, T = self.settings.regions, self.settings.bins, self.num_tokens
         regions = regions_of(t.reshape(-1), R, self.objective)
         on_host = regions.cpu()  # one host transfer per forward
@@ -178,7 +184,7 @@ class RoutedModel(nn.Module):
         if self.training and self.schedule is None:
             r = self.kept_ratios()
             values = r.detach().cpu().tolist()
-            plans, per_region = [], torch.zeros(R, dtype=torch.float64)
+            plans, macs, tokens = [], torch.zeros(R, dtype=torch.float64), torch.zeros(self.depth, R, dtype=torch.float64)
             for layer in range(self.depth):
                 groups = []
                 for g in present:
@@ -190,14 +196,13 @@ class RoutedModel(nn.Module):
                     else:
                         groups.append(RouteGroup(images[g], [(k_lo, 1 - w), (k_hi, w)]))
                     wv = float(w.detach())
-                    per_region[g] += (1 - wv) * self._block_macs(layer, k_lo) + wv * self._block_macs(layer, k_hi)
+                    macs[g] += (1 - wv) * self._block_macs(layer, k_lo) + wv * self._block_macs(layer, k_hi)
+                    tokens[layer, g] = (1 - wv) * k_lo + wv * k_hi
                 plans.append(RoutePlan(groups))
-            macs = (self.macs.fixed + per_region)[on_host]
-            return plans, macs
+            return plans, (self.macs.fixed + macs)[on_host], tokens[:, on_host].T
         k = self.schedule if self.schedule is not None else self.hard_schedule()  # (L, R)
         plans = [RoutePlan([RouteGroup(images[g], [(int(k[layer, g]), None)]) for g in present]) for layer in range(self.depth)]
-        macs = self.macs.total(k)[on_host]  # (N,)
-        return plans, macs
+        return plans, self.macs.total(k)[on_host], k[:, on_host].T.double()
 
     def _block_macs(self, layer: int, k: int) -> float:
         c0, c1, c2 = self.macs.coefficients[layer].tolist()
@@ -256,6 +261,8 @@ class RoutedModel(nn.Module):
             "method": "DiffCR",
             "settings": {k: getattr(self.settings, k) for k in ("regions", "bins", "scale", "multiplier", "skipped_kv")},
             "frozen": self.schedule is not None,
+            # Around a DyDiT model the MACs here are token routing's alone, at full width.
+            "around": "DyDiT" if hasattr(self.inner, "last_widths") else None,
             "tokens": self.num_tokens,
             "schedule": table["schedule"],
             "mean_kept_per_layer": [round(v, 2) for v in schedule.mean(1).tolist()],
