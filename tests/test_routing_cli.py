@@ -197,11 +197,14 @@ def test_route_fine_tunes_a_diffusers_dit_folder(tmp_path, capsys):
     assert model.compression[-1]["training"]["budget"] == "macs"
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["budget_loss"] == pytest.approx((m["macs_ratio"] - 0.5) ** 2, rel=1e-4) for m in metrics)
-    # The backbone's file stays diffusers' own.
+    # The backbone's files stay diffusers' own: stock loading reads the trained (not EMA) weights.
     from diffusers import DiTTransformer2DModel
 
     stock = DiTTransformer2DModel.from_pretrained(str(tmp_path / "run" / "model"))
-    assert all(torch.equal(v, model.inner.state_dict()[k]) for k, v in stock.state_dict().items())
+    raw = leandit.load_model(tmp_path / "run" / "model", weights="model").inner.state_dict()
+    assert stock.state_dict().keys() == raw.keys()
+    assert all(torch.equal(v, raw[k]) for k, v in stock.state_dict().items())
+    assert any(not torch.equal(v, model.inner.state_dict()[k]) for k, v in raw.items())  # EMA differs: it trained
     capsys.readouterr()
     assert main(["info", str(tmp_path / "run" / "model")]) == 0
     assert "routing     DiffCR token routing" in capsys.readouterr().out
