@@ -1041,3 +1041,24 @@ def test_a_folder_whose_schedule_or_table_does_not_fit_is_refused(saved_routed):
     no_schedule = {k: v for k, v in table.items() if k != "schedule"}
     path.write_text(json.dumps({**config, "wrappers": [{**config["wrappers"][0], "table": no_schedule}]}))
     refused(folder, "routing table")
+
+
+def test_each_weight_set_of_a_folder_comes_back_with_its_own_schedule(routed3, tmp_path):
+    """A folder saved with EMA weights holds two sets of ratios. load_model gives the EMA's by
+    default, with the schedule frozen from the EMA's ratios; weights="model" gives the
+    trained ratios, which must run the schedule frozen from those ratios (the schedule is what
+    inference runs, not a description), not the EMA's.
+
+    FAILS after 20a7f95: the folder stores one table, the EMA copy's (models/wrappers.py
+    `write_wrappers`, table_layers), and build_saved (routing/saving.py) sets that schedule
+    whatever weights are loaded: `leandit sample RUN/model --weights model` samples the
+    trained weights at the EMA's capacities (after a short `leandit route` run, nearly dense)."""
+    model = set_ratios_(fresh(routed3), [[0.34, 0.55, 0.81, 1.0], [0.12, 0.66, 0.47, 0.26], [0.96, 0.74, 0.3, 0.5]])
+    ema = set_ratios_(fresh(routed3), 1.0)
+    folder = leandit.save_model(model, tmp_path / "model", ema=ema)
+    default = leandit.load_model(folder)
+    assert torch.equal(default.ratios.detach(), ema.ratios.detach())
+    assert torch.equal(default.schedule, ema.hard_schedule())
+    raw = leandit.load_model(folder, weights="model")
+    assert torch.equal(raw.ratios.detach(), model.ratios.detach())
+    assert torch.equal(raw.schedule, model.hard_schedule()), "weights='model' runs the EMA's schedule"
