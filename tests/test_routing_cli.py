@@ -186,6 +186,25 @@ def test_a_depth_pruned_model_routes_and_keeps_both_steps(tmp_path, capsys):
     assert len(kept) == 6 and f"origins     its blocks are blocks {kept} of the original model" in printed
 
 
+def test_a_dydit_model_without_token_routers_routes_and_keeps_both_steps(tiny_folder, tmp_path, capsys):
+    from leandit.compress.dynamic import DynamicModel
+
+    dydit = tmp_path / "dydit"
+    assert main(["dynamic", str(tiny_folder), "--target", "0.9", "--no-tokens", "--steps", "2", "--out", str(dydit),
+                 "--target-warmup", "0", *RUN]) == 0
+    out = tmp_path / "routed"
+    assert main(route(dydit / "model", out, "--regions", "2", steps=2)) == 0
+    model = leandit.load_model(out / "model")
+    assert isinstance(model, RoutedModel) and isinstance(model.inner, DynamicModel) and not model.inner.settings.tokens
+    assert model.schedule.shape == (2, 2)
+    assert [r["method"] for r in model.compression] == ["dydit", "diffcr"]
+    capsys.readouterr()
+    assert main(["info", str(out / "model")]) == 0
+    printed = capsys.readouterr().out
+    assert "compression 1. dydit: target 0.9" in printed and "compression 2. diffcr: 50% less block tokens" in printed
+    assert "routing     DiffCR token routing" in printed
+
+
 def test_route_fine_tunes_a_diffusers_dit_folder(tmp_path, capsys):
     from diffusers_models import tiny_diffusers_dit
 
