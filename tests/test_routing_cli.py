@@ -136,7 +136,7 @@ def test_info_shows_the_routing_lines_and_the_compression_chain(run, loaded, cap
     assert "scale mlp, straight-through multiplier" in lines["routing"]
     kept = ", ".join(f"{v:g}" for v in summary["mean_kept_per_layer"])
     assert lines["tokens"] == f"tokens      mean kept tokens per block (of 16): {kept}"
-    assert "compression 1. diffcr: 50% less block tokens targeted (4 steps, --mix plain) from digits-teacher" in out
+    assert "compression 1. diffcr: 50% fewer block tokens targeted (4 steps, --mix plain) from digits-teacher" in out
 
 
 def test_sample_takes_the_routed_model_and_equals_direct_generation(run, loaded, tmp_path):
@@ -180,7 +180,7 @@ def test_a_depth_pruned_model_routes_and_keeps_both_steps(tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(out / "model")]) == 0
     printed = capsys.readouterr().out
-    assert "compression 1. shortgpt: kept 6 of 12 blocks" in printed and "compression 2. diffcr: 30% less" in printed
+    assert "compression 1. shortgpt: kept 6 of 12 blocks" in printed and "compression 2. diffcr: 30% fewer" in printed
     assert "routing     DiffCR token routing" in printed and "over 2 timestep regions" in printed
     kept = history[0]["kept_indices"]
     assert len(kept) == 6 and f"origins     its blocks are blocks {kept} of the original model" in printed
@@ -201,7 +201,7 @@ def test_a_dydit_model_without_token_routers_routes_and_keeps_both_steps(tiny_fo
     capsys.readouterr()
     assert main(["info", str(out / "model")]) == 0
     printed = capsys.readouterr().out
-    assert "compression 1. dydit: target 0.9" in printed and "compression 2. diffcr: 50% less block tokens" in printed
+    assert "compression 1. dydit: target 0.9" in printed and "compression 2. diffcr: 50% fewer block tokens" in printed
     assert "routing     DiffCR token routing" in printed
 
 
