@@ -26,8 +26,11 @@ Without a known image and mask, the model is asked for a whole new image: nothin
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -208,6 +211,115 @@ def inpaint_layer(model: nn.Module) -> InpaintModel | None:
     return None
 
 
+# -- masks ------------------------------------------------------------------------------------
+# Every built-in kind is a box of unknown pixels (x0, y0, x1, y1: columns x0..x1-1, rows
+# y0..y1-1); the name says which part is unknown ("left": the left half is generated from the
+# right half). "random" is a rectangle of 1/4 to 3/4 of each side at a random place; "all" is
+# the whole image (nothing known: plain generation, the model's behaviour without a mask).
+MASK_KINDS = ("left", "right", "top", "bottom", "center", "random", "all")
+MIXED = MASK_KINDS
+SPEC_HELP = (f"{', '.join(MASK_KINDS)}, mixed (a random kind per image), a comma-separated list of kinds (one drawn per "
+             "image), box:x0,y0,x1,y1 (pixels, x1/y1 exclusive) or a .npy/.png mask of the image size (nonzero/white = unknown)")
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Which pixels are unknown, per image: a choice among kinds, one box, or a fixed mask.
+
+    `draw(uniforms)` turns UNIFORMS numbers in [0, 1) per image (from a training step's
+    `StepRandom`, or from per-image seeds when sampling) into masks (N, 1, S, S), 1 = unknown.
+    Every spec consumes the same numbers, so the randomness after it does not depend on it."""
+
+    text: str
+    size: int
+    kinds: tuple[str, ...] = ()
+    box: tuple[int, int, int, int] | None = None
+    fixed: torch.Tensor | None = field(default=None, compare=False)  # (S, S) in {0, 1}
+
+    UNIFORMS: ClassVar[int] = 5  # the kind, then the random box's width, height, column, row
+
+    def draw(self, uniforms: torch.Tensor) -> torch.Tensor:
+        n, device, s = uniforms.shape[0], uniforms.device, self.size
+        if self.fixed is not None:
+            return self.fixed.to(device, torch.float32).expand(n, 1, s, s).clone()  # (N, 1, S, S)
+        if self.box is not None:
+            boxes = torch.tensor(self.box, device=device).expand(n, 4)  # (N, 4)
+        else:
+            table = torch.tensor([_kind_box(k, s) for k in self.kinds], device=device)  # (K, 4); "random" placeholder
+            choice = (uniforms[:, 0] * len(self.kinds)).long().clamp(max=len(self.kinds) - 1)  # (N,)
+            boxes = table[choice]  # (N, 4)
+            random = torch.tensor([k == "random" for k in self.kinds], device=device)[choice]  # (N,)
+            boxes = torch.where(random[:, None], _random_boxes(uniforms[:, 1:], s), boxes)  # (N, 4)
+        cols = torch.arange(s, device=device)
+        x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))  # each (N, 1)
+        inside_x = (cols >= x0) & (cols < x1)  # (N, S)
+        inside_y = (cols >= y0) & (cols < y1)  # (N, S)
+        return (inside_y[:, :, None] & inside_x[:, None, :]).unsqueeze(1).float()  # (N, 1, S, S)
+
+
+def _kind_box(kind: str, s: int) -> tuple[int, int, int, int]:
+    h, q = s // 2, s // 4
+    return {"left": (0, 0, h, s), "right": (h, 0, s, s), "top": (0, 0, s, h), "bottom": (0, h, s, s),
+            "center": (q, q, s - q, s - q), "all": (0, 0, s, s), "random": (0, 0, 0, 0)}[kind]
+
+
+def _random_boxes(u: torch.Tensor, s: int) -> torch.Tensor:
+    """(N, 4) boxes from (N, 4) uniforms: sides of s/4 to 3s/4 (at least 1), anywhere inside."""
+    low, span = max(1, s // 4), max(1, s // 4) * 2
+    w = (low + (u[:, 0] * (span + 1)).long()).clamp(max=s)  # (N,)
+    h = (low + (u[:, 1] * (span + 1)).long()).clamp(max=s)
+    x0 = (u[:, 2] * (s - w + 1)).long()
+    y0 = (u[:, 3] * (s - h + 1)).long()
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+
+
+def parse_masks(text: str, size: int) -> MaskSpec:
+    """The MaskSpec of a --inpaint value for images of size x size pixels (the model's input
+    size: latent pixels for a latent model); a one-line ValueError names what is wrong."""
+    text = str(text).strip()
+    if text.startswith("box:"):
+        try:
+            box = tuple(int(v) for v in text[4:].split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4:
+            raise ValueError(f"--inpaint {text}: a box is box:x0,y0,x1,y1 in whole pixels")
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
+            raise ValueError(f"--inpaint {text}: the box must satisfy 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size} "
+                             f"(the images are {size}x{size}; x1 and y1 are exclusive)")
+        return MaskSpec(text, size, box=box)
+    if text.lower().endswith((".npy", ".png")):
+        return MaskSpec(text, size, fixed=_read_mask_file(Path(text), size))
+    kinds = MIXED if text == "mixed" else tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in MASK_KINDS]
+    if not kinds or unknown:
+        raise ValueError(f"unknown mask spec --inpaint {text!r}: use {SPEC_HELP}")
+    return MaskSpec(text, size, kinds=kinds)
+
+
+def _read_mask_file(path: Path, size: int) -> torch.Tensor:
+    if not path.is_file():
+        raise ValueError(f"--inpaint {path}: no such mask file")
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--inpaint {path}: not a readable mask ({err})") from None
+    array = np.squeeze(np.asarray(array, dtype=np.float32))
+    if array.shape != (size, size):
+        raise ValueError(f"--inpaint {path}: the mask is {'x'.join(map(str, array.shape)) or 'a scalar'}, but the model's "
+                         f"images are {size}x{size}: pass a mask of that size")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise ValueError(f"--inpaint {path}: mask values must be in [0, 1] (1 or white = unknown)")
+    return torch.from_numpy((array > 0.5).astype(np.float32))  # (S, S)
+
+
 def register() -> None:
     from .wrappers import WrapperType, register_wrapper
 
@@ -217,4 +329,4 @@ def register() -> None:
 
 register()
 
-__all__ = ["MASK_CONVENTION", "InpaintModel", "inpaint_layer"]
+__all__ = ["MASK_CONVENTION", "MASK_KINDS", "InpaintModel", "MaskSpec", "inpaint_layer", "parse_masks"]
