@@ -2,7 +2,8 @@
 
 The images (an ADM-layout .npz: arr_0 uint8 N x H x W x C, arr_1 class labels; or `digits`,
 the 450 held-out digits of the 25 % stratified split the digits feature net also holds out)
-are masked, completed by the model conditioned on the known pixels and the mask, and the known
+are masked, completed by the model conditioned on the known pixels, the mask and the image's label
+(arr_1; the null class completes from the known pixels alone), and the known
 pixels are pasted back at the end, so a completion keeps every known pixel exactly (the model
 only ever changes the unknown ones). Image i's noise and, for random kinds, its mask come from
 seeds (seed, i): the parts of `leandit sample` resume and split across processes as usual.
@@ -193,9 +194,12 @@ class InpaintingRun:
         if tuple(images.shape[1:]) != shape:
             raise ValueError(f"--images {args.images}: images are {'x'.join(map(str, images.shape[1:]))} (H x W x C), but the "
                              f"model takes {'x'.join(map(str, shape))}")
-        classes = spec.conditioning.num_classes
-        if len(labels) and (labels.min() < 0 or labels.max() >= classes):
-            raise ValueError(f"--images {args.images}: labels must be class ids in 0..{classes - 1}")
+        # The null class is allowed: completing from the known pixels alone (no label).
+        classes, null = spec.conditioning.num_classes, spec.conditioning.null_class
+        allowed = classes + (1 if null == classes else 0)
+        if len(labels) and (labels.min() < 0 or labels.max() >= allowed):
+            raise ValueError(f"--images {args.images}: labels must be class ids in 0..{classes - 1}"
+                             + (f" or {null} (the null class: no label)" if null == classes else ""))
         count = len(images) if args.num_samples is None else args.num_samples
         if not 1 <= count <= len(images):
             raise ValueError(f"--num-samples {count}: --images {args.images} holds {len(images)} images")
