@@ -18,7 +18,7 @@ from typing import Iterable
 from . import __version__
 
 COMMANDS = (
-    "train", "prune", "finetune", "dynamic", "analyze", "sample", "eval", "bench",
+    "train", "prune", "finetune", "dynamic", "route", "analyze", "sample", "eval", "bench",
     "extract-features", "encode-prompts", "export-pipeline", "info", "convert", "demo",
 )
 
@@ -29,6 +29,7 @@ SUMMARIES = {
     "prune": "depth-prune a model: learnable (TinyFusion) or a baseline; writes the pruned model folder",
     "finetune": "recover a pruned model: fine-tune it with logits KD and masked RepKD from its teacher",
     "dynamic": "make a model dynamic (DyDiT: timestep-wise width, per-token MLP skipping) and fine-tune it to a MAC target",
+    "route": "route tokens past blocks with learned ratios per block and timestep region (DiffCR) and fine-tune to a target",
     "analyze": "analyses that guide compression (calibration losses of random masks, massive activations)",
     "sample": "generate images: a PNG grid and an .npz (arr_0 = N x H x W x C uint8, arr_1 = labels)",
     "eval": "FID, sFID, IS, precision and recall of samples against reference images (ADM evaluator definitions)",

@@ -56,7 +56,20 @@ def run(args: argparse.Namespace) -> int:
     dynamic = info.get("dynamic")
     print(f"compute     {si(info['macs_per_forward'], 'MACs', 3)} = {si(info['flops_per_forward'], 'FLOPs', 3)} "
           f"per forward at batch {args.batch_size}" + (" with every head, channel and token on" if dynamic else ""))
-    if dynamic:
+    if dynamic and dynamic.get("method") == "DiffCR":
+        settings = dynamic["settings"]
+        regions = settings["regions"]
+        per_region = ", ".join(f"{v:.1%}" for v in dynamic["macs_ratio_per_region"])
+        print(f"routing     DiffCR token routing, {dynamic['macs_ratio']:.1%} of the MACs on average over {regions} timestep "
+              f"region{'s' if regions > 1 else ''} ({per_region}; region 1 = t nearest the data for DiT, the noise for SiT), "
+              f"scale {settings['scale']}, {settings['multiplier']} multiplier"
+              + (", skipped tokens as keys/values" if settings["skipped_kv"] else "")
+              + (" (around DyDiT: at full width; its narrower widths save more, `leandit bench --trajectory` counts both)"
+                 if dynamic.get("around") == "DyDiT" else ""))
+        kept = ", ".join(f"{v:g}" for v in dynamic["mean_kept_per_layer"])
+        print(f"tokens      mean kept tokens per block (of {dynamic['tokens']}): {kept}"
+              + ("" if dynamic["frozen"] else " (ratios not frozen: their nearest bins)"))
+    elif dynamic:
         heads = ", ".join(f"{v:g}" for v in dynamic["mean_heads_per_layer"])
         groups = ", ".join(f"{v:g}" for v in dynamic["mean_groups_per_layer"])
         print(f"dynamic     DyDiT ({dynamic['dynamic']}): {dynamic['width_macs_ratio_all_tokens']:.1%} of the MACs on average over "
@@ -75,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
             line += f": kept {len(kept)} of {record.get('source_depth', '?')} blocks {kept}"
         elif method == "dydit":
             line += f": target {record.get('target')} of the MACs ({record.get('steps', '?')} steps, --mix {record.get('loss', {}).get('mix', '?')})"
+        elif method == "diffcr":
+            line += (f": {record.get('target', 0):.0%} less {'MACs' if record.get('training', {}).get('budget') == 'macs' else 'block tokens'} "
+                     f"targeted ({record.get('steps', '?')} steps, --mix {record.get('loss', {}).get('mix', '?')})")
         elif method == "recovery":
             line += f" ({record.get('loss', {}).get('mix', '?')}, {record.get('steps', '?')} steps)"
             if record.get("teacher"):

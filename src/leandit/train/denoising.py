@@ -60,6 +60,22 @@ def job_conditioning(model: nn.Module, class_dropout: float | None, conditioning
     return prob, conditioning
 
 
+def stratified_timesteps(random: StepRandom, t: torch.Tensor, regions: int, objective: Objective) -> torch.Tensor:
+    """Timesteps with image i of the global batch in region i mod `regions` (uniform within
+    it): every region of the trajectory is in every batch, whatever the number of processes
+    (methods whose decisions depend on the timestep region: DyDiT widths, routing ratios)."""
+    from ..diffusion.flow import LinearFlow
+
+    index = torch.arange(random.start, random.start + random.local, device=t.device)  # global batch index
+    u = random.rand()  # (N,)
+    where = ((index % regions).to(u.dtype) + u) / regions  # (N,) in [0, 1), region by index
+    if isinstance(objective, LinearFlow):
+        eps = objective.train_eps
+        return eps + (1 - 2 * eps) * where
+    steps = objective.num_timesteps
+    return (where * steps).long().clamp(max=steps - 1)
+
+
 class DenoisingJob(TrainingJob):
     """Minimise the model's own objective (DiT diffusion loss or SiT velocity loss).
 

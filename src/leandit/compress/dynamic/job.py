@@ -25,7 +25,7 @@ from torch import nn
 
 from ...backbones import Conditioning
 from ...diffusion import StepRandom
-from ...diffusion.flow import LinearFlow
+from ...train.denoising import stratified_timesteps
 from ...train.distributed import all_reduce_
 from ...train.schedules import linear_anneal
 from ..recovery import RecoveryJob, RecoverySettings
@@ -95,30 +95,11 @@ class DynamicJob(RecoveryJob):
         self.use_dense_loss = False
         self._noise: torch.Tensor | None = None
         self._last_inputs: tuple[Any, ...] = ()
-        self._recovery_state_only = False
 
-    def state_dict(self) -> dict[str, Any]:
-        if self._recovery_state_only:
-            return super().state_dict()
-        return {**super().state_dict(), "dynamic": asdict(self.training), "dynamic_settings": asdict(self.module.settings)}
+    method_name = "DyDiT"
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            for key, mine in (("dynamic", asdict(self.training)), ("dynamic_settings", asdict(self.module.settings))):
-                saved = state.get(key)
-                if saved is not None and saved != mine:
-                    changed = [k for k in saved if saved[k] != mine.get(k)]
-                    raise ValueError(
-                        f"cannot resume: the run in this folder was started with other DyDiT settings ({', '.join(changed)}); "
-                        "use the same options or a new --out folder"
-                    )
-        # RecoveryJob compares the state it saved with `self.state_dict()`: it must see its own
-        # part only, or every resume reads as changed settings.
-        self._recovery_state_only = True
-        try:
-            super().load_state_dict({k: v for k, v in state.items() if k not in ("dynamic", "dynamic_settings")})
-        finally:
-            self._recovery_state_only = False
+    def method_state(self) -> dict[str, dict[str, Any]]:
+        return {"dynamic": asdict(self.training), "dynamic_settings": asdict(self.module.settings)}
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         # Weights first: the loop logs the first group's learning rate.
@@ -144,16 +125,7 @@ class DynamicJob(RecoveryJob):
         return x0, t, noise, y
 
     def _stratified(self, random: StepRandom, t: torch.Tensor) -> torch.Tensor:
-        """Timesteps with image i of the global batch in region i mod R."""
-        regions = self.training.regions
-        index = torch.arange(random.start, random.start + random.local, device=t.device)  # global batch index
-        u = random.rand()  # (N,)
-        where = ((index % regions).to(u.dtype) + u) / regions  # (N,) in [0, 1), region by index
-        if isinstance(self.objective, LinearFlow):
-            eps = self.objective.train_eps
-            return eps + (1 - 2 * eps) * where
-        steps = self.objective.num_timesteps
-        return (where * steps).long().clamp(max=steps - 1)
+        return stratified_timesteps(random, t, self.training.regions, self.objective)
 
     def predict(self, module: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         from ...backbones import backbone

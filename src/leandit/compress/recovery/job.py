@@ -137,13 +137,33 @@ class RecoveryJob(DenoisingJob):
         if self.teacher is not None:
             self.teacher.to(device=device, dtype=self.teacher_dtype)
 
-    def state_dict(self) -> dict[str, Any]:
-        """What the run was started with: a resume must not silently change the loss."""
+    # A method built on recovery (DyDiT, routing) names the settings of its own that a resume
+    # must not change: {key: settings dict}, stored and checked with the recovery settings.
+    method_name: str = "recovery"
+
+    def method_state(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def _recovery_state(self) -> dict[str, Any]:
         return {"settings": asdict(self.settings), "teacher_layers": self.teacher_layers, "teacher_depth": self.teacher_depth}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the run was started with: a resume must not silently change the loss."""
+        return {**self._recovery_state(), **self.method_state()}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        for key, mine in self.method_state().items():
+            saved = state.get(key)
+            if saved is not None and saved != mine:
+                changed = [k for k in saved if saved[k] != mine.get(k)]
+                raise ValueError(
+                    f"cannot resume: the run in this folder was started with other {self.method_name} settings "
+                    f"({', '.join(changed)}); use the same options or a new --out folder"
+                )
         saved = {key: state.get(key) for key in ("settings", "teacher_layers", "teacher_depth")}
-        if state and saved != self.state_dict():
+        if saved != self._recovery_state():
             changed = [k for k in saved["settings"] or {} if saved["settings"][k] != asdict(self.settings).get(k)]
             changed += [k for k in ("teacher_layers", "teacher_depth") if saved[k] != getattr(self, k)]
             raise ValueError(
