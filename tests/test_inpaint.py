@@ -302,3 +302,29 @@ def test_sample_refuses_every_bad_inpainting_input_in_one_line(folders, tmp_path
         err = error_of(argv, capsys)
         assert message in err, (argv, err)
         assert not out.exists(), argv
+
+
+def test_a_routed_inpainting_model_routes_its_backbones_blocks_and_round_trips(tmp_path):
+    """DiffCR's RoutedModel wraps an InpaintModel: at ratio 1 it is the inpainting model, a
+    schedule of fewer tokens changes what runs, and the folder keeps both wrappers."""
+    from leandit.compress.routing import RoutedModel
+    from leandit.evaluate.inpainting import complete
+
+    model = trained(InpaintModel(randomize_(tiny_model(), std=0.15)))
+    routed = RoutedModel(model).eval()
+    x, t, y, known, mask = inputs()
+    with torch.no_grad():
+        full = model(x, t, y, known=known, mask=mask)
+        with model.inpainting(known, mask):
+            assert torch.allclose(routed(x, t, y), full, atol=1e-6)
+            routed.set_schedule(torch.ones(routed.depth, routed.settings.regions, dtype=torch.long))  # one token per block
+            fewer = routed(x, t, y)
+    assert not torch.allclose(fewer, full, atol=1e-3)
+    folder = leandit.save_model(routed, tmp_path / "routed")
+    assert [w["type"] for w in json.loads((folder / "config.json").read_text())["wrappers"]] == ["inpaint", "diffcr"]
+    again = leandit.load_model(folder)
+    assert inpaint_layer(again) is not None and backbone(again).model is inpaint_layer(again).inner
+    with torch.no_grad(), inpaint_layer(again).inpainting(known, mask):
+        assert torch.equal(again(x, t, y), fewer)
+    out = complete(again, known, mask, y.clamp(max=9), steps=2)
+    assert torch.equal(out[mask.expand_as(out) == 0], known[mask.expand_as(known) == 0])
