@@ -179,9 +179,12 @@ def run(args, work: Path, store: dict, store_file: Path, steps: list[int]) -> No
                                          "--ema-decay", "0", "--out", str(refit), "--quiet")
         if refit_steps:
             inpainting_row(f"inpainting {last} steps, routed, then {refit_steps} inpainting steps", refit / "model", "routed-inpaint")
-    store["machine"] = (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
-                        f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    store["machine"] = machine()
     store_file.write_text(json.dumps(store, indent=2))
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def route_exists() -> bool:
@@ -195,8 +198,8 @@ def write_report(store: dict, args, path: Path) -> None:
     lines = [
         "# Inpainting on the digits teacher: half of each held-out digit masked",
         "",
-        f"Machine: {store.get('machine', '?')}. Command: `OMP_NUM_THREADS=1 python benchmarks/inpaint_digits.py` "
-        f"({store.get('total_seconds', 0) / 60:.1f} min). Fine-tuning: `leandit train --model digits-teacher --data digits "
+        f"Machine: {store.get('machine') or machine()}. Command: `OMP_NUM_THREADS=1 python benchmarks/inpaint_digits.py` "
+        + (f"({store['total_seconds'] / 60:.1f} min). " if "total_seconds" in store else "(a partial run: the rows below). ") + f"Fine-tuning: `leandit train --model digits-teacher --data digits "
         f"--inpaint mixed --batch-size {args.batch_size} --lr {args.lr:g} --ema-decay 0` "
         f"({store.get('train_seconds', 0):.0f} s for {max(int(s) for s in args.steps.split(','))} steps).",
         "",
