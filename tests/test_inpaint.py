@@ -328,3 +328,29 @@ def test_a_routed_inpainting_model_routes_its_backbones_blocks_and_round_trips(t
         assert torch.equal(again(x, t, y), fewer)
     out = complete(again, known, mask, y.clamp(max=9), steps=2)
     assert torch.equal(out[mask.expand_as(out) == 0], known[mask.expand_as(known) == 0])
+
+
+def test_routing_an_inpainting_model_fine_tunes_it_on_inpainting_masks():
+    """`leandit route` of an inpainting model draws masks per step (the known image reaches the
+    model: its new embedding gets gradient), and refuses a teacher, which would not see them."""
+    from leandit.compress.recovery import RecoverySettings
+    from leandit.compress.routing import RoutedModel
+    from leandit.compress.routing.job import RouteJob, RoutingTraining
+    from leandit.diffusion import StepRandom
+
+    model = InpaintModel(randomize_(tiny_model(depth=2), std=0.15))  # adaLN-zero init would hide every input
+    routed = RoutedModel(model)
+    training = RoutingTraining(target=0.5)
+    masks = parse_masks("left", backbone(model).spec.input_size)
+    job = RouteJob(routed, training, RecoverySettings.from_mix("plain"), masks=masks)
+    x0 = torch.randn(4, *backbone(model).spec.input_shape)
+    batch = (x0, torch.arange(4) % 10)
+    routed.train()
+    loss, _ = job.compute_loss(routed, batch, StepRandom(0, 0, 4, 0, 1, "cpu"))
+    loss.backward()
+    assert model.known_embedder.weight.grad is not None and model.known_embedder.weight.grad.abs().sum() > 0
+    assert job.state_dict()["inpainting"] == {"masks": "left"}
+    with pytest.raises(ValueError, match="own loss"):
+        RouteJob(routed, training, RecoverySettings.from_mix("kd"), teacher=tiny_model(depth=2), masks=masks)
+    with pytest.raises(ValueError, match="not an inpainting variant"):
+        RouteJob(RoutedModel(tiny_model(depth=2)), training, RecoverySettings.from_mix("plain"), masks=masks)
