@@ -13,9 +13,9 @@ completion; agreement with its true label), digits-FID of the 1800 completions a
 real digits (as `leandit eval --ref digits`), and the unknown pixels' RMS distance to the
 original's. Rows: the originals and the masked inputs (bounds), the base teacher used naively
 (replacement of the known half of x_t before every step), the zero-initialised variant (step 0:
-the teacher, known half pasted at the end), the inpainting fine-tune (`--steps 100,400` scores its checkpoints too), the final model routed to
-half the block tokens, and with `--refit-steps N` the routed model given N inpainting steps back
-(`leandit route` trains without masks). Finished runs are reused;
+the teacher, known half pasted at the end), the inpainting fine-tune (`--steps 100,400` scores its checkpoints too), and the final
+model routed to half the block tokens (`leandit route` of an inpainting model fine-tunes on the
+masks it was trained with). Finished runs are reused;
 `--report` rewrites the table only.
 
 The teacher was trained on all 1797 digits, the held-out 450 included, and so is the
@@ -91,8 +91,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch size (default 64)")
     parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4, train's default)")
     parser.add_argument("--route-steps", type=int, default=300, help="steps of `leandit route --target 0.5` (default 300)")
-    parser.add_argument("--refit-steps", type=int, default=0,
-                        help="also give the routed model this many inpainting steps back and score it (default 0: not)")
     parser.add_argument("--report", action="store_true", help="only write the table from finished runs")
     args = parser.parse_args()
     work = args.work
@@ -170,15 +168,6 @@ def run(args, work: Path, store: dict, store_file: Path, steps: list[int]) -> No
             store["route_seconds"] = cli("route", str(final), "--target", "0.5", "--steps", str(args.route_steps),
                                          "--batch-size", str(args.batch_size), "--out", str(routed), "--quiet")
         inpainting_row(f"inpainting {last} steps, routed (--target 0.5, {args.route_steps} steps)", routed / "model", "routed")
-        # `leandit route` trains on its own loss without masks (nothing known): give the
-        # routed model (its schedule frozen) a few inpainting steps back.
-        refit, refit_steps = work / "routed-inpaint", args.refit_steps
-        if refit_steps and not (refit / "model" / "config.json").exists():
-            store["refit_seconds"] = cli("train", "--model", str(routed / "model"), "--data", "digits", "--inpaint", "mixed",
-                                         "--steps", str(refit_steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                                         "--ema-decay", "0", "--out", str(refit), "--quiet")
-        if refit_steps:
-            inpainting_row(f"inpainting {last} steps, routed, then {refit_steps} inpainting steps", refit / "model", "routed-inpaint")
     store["machine"] = machine()
     store_file.write_text(json.dumps(store, indent=2))
 
