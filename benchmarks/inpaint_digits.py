@@ -145,7 +145,7 @@ def run(args, work: Path, store: dict, store_file: Path, steps: list[int]) -> No
 
     run_dir = work / "inpaint"
     last = max(steps)
-    if not (run_dir / "model" / "config.json").exists():
+    if not (run_dir / "model" / "config.json").exists():  # (a shorter finished run: delete its model/ to extend it)
         store["train_seconds"] = cli("train", "--model", "digits-teacher", "--data", "digits", "--inpaint", "mixed", "--steps",
                                      str(last), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--ema-decay", "0",
                                      "--checkpoint-every", str(min(steps)), "--keep-checkpoints", "0", "--out", str(run_dir),
