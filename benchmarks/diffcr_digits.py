@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -82,8 +82,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000, help="samples per model (default 1000)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds (default 3)")
     parser.add_argument("--jobs", type=int, default=2, help="training runs at once, each its own one-thread process (default 2)")
+    parser.add_argument("--only", help="comma-separated routed rows to run by folder name (default all), e.g. "
+                        "diffcr-0.3,diffcr-0.5")
     parser.add_argument("--report", action="store_true", help="only write the table from finished runs")
     args = parser.parse_args()
+    only = {n.strip() for n in args.only.split(",")} if args.only else None
     started = time.perf_counter()
     teacher = str(digits_teacher_path())
     work = args.work.resolve()
@@ -127,23 +130,27 @@ def main() -> None:
                     store[name] = {**store.get(name, {}), "train_seconds": seconds}
                 save()
 
+        rows = [row for row in ROUTED if only is None or row[1] in only]
+        keeps: dict[str, int] = {}
         with ThreadPoolExecutor(args.jobs) as pool:
-            # The routed models train while the teacher is scored; then each routed model's depth-pruned
-            # counterpart trains while the routed models are scored.
-            routing = [pool.submit(route, *row) for row in ROUTED]
+            # The routed models train while the teacher is scored; as each finishes, its depth-pruned
+            # counterpart starts training and the routed model is scored meanwhile.
+            routing = {pool.submit(route, *row): row for row in rows}
             scored("teacher", Path(teacher))
-            for job in routing:
+            pruning: dict[int, Future] = {}
+            for job in as_completed(routing):
                 job.result()
-            keeps = {name: nearest_depth(work / slug / "model") for name, slug, _ in ROUTED}
-            pruning = [pool.submit(depth, keep) for keep in sorted(set(keeps.values()))]
-            for name, slug, _ in ROUTED:
+                name, slug, _ = routing[job]
+                keeps[name] = nearest_depth(work / slug / "model")
+                if keeps[name] not in pruning:
+                    pruning[keeps[name]] = pool.submit(depth, keeps[name])
                 scored(name, work / slug / "model")
-            for job in pruning:
+            for keep, job in sorted(pruning.items()):
                 job.result()
+                scored(f"ShortGPT {keep} of 12 + masked KD", work / f"shortgpt-{keep}" / "model")
         order = ["teacher"]
-        for name, _, _ in ROUTED:
+        for name, _, _ in rows:
             depth_name = f"ShortGPT {keeps[name]} of 12 + masked KD"
-            scored(depth_name, work / f"shortgpt-{keeps[name]}" / "model")
             order += [name] + ([depth_name] if depth_name not in order else [])
         bench = work / "bench.json"
         cli("bench", *[store[n]["folder"] for n in order], "--batch-size", "250", "--cfg-scale", "1", "--sampling-steps", "50",
@@ -156,7 +163,7 @@ def main() -> None:
         cli("analyze", "ratios", store["DiffCR 50 %"]["folder"], "--out", str(work / "ratios-0.5"))
         shutil.copyfile(work / "ratios-0.5" / "ratios.png", HERE / "diffcr_digits_ratios.png")
         shutil.copyfile(work / "ratios-0.5" / "token_maps.png", HERE / "diffcr_digits_token_maps.png")
-        for name, slug, _ in ROUTED:
+        for name, slug, _ in rows:
             store[name]["ratio_table"] = leandit.load_model(work / slug / "model").ratio_table()
             store[name]["last_logs"] = json.loads((work / slug / "metrics.jsonl").read_text().splitlines()[-1])
         store["run_seconds"] = store.get("run_seconds", 0.0) + time.perf_counter() - started
