@@ -5,16 +5,19 @@ batch size.
     OMP_NUM_THREADS=1 python benchmarks/diffcr_digits.py --work runs/diffcr-digits
 
 Rows: the teacher; `leandit route --target 0.3` and `--target 0.5` (the paper's budget on the
-mean kept ratio); `--target 0.5 --budget macs` (the budget on the MAC ratio, attention's
-quadratic cost and the unrouted parts counted); for each routed model a ShortGPT depth-pruned
-model (`leandit prune --method shortgpt --keep K` + `leandit finetune --mix masked-kd`, as in
-benchmarks/dydit_digits.py) with K the number of blocks whose MACs are nearest the routed
-model's. Each model is sampled and scored exactly as in dydit_digits.py (1000 class-balanced
-samples, 50 DDIM steps, no guidance, seed 0; digits-FID and class agreement); MACs and speed-up
-come from one `leandit bench --trajectory 25` run over all models at batch 250 (whole DDIM
-sampling runs, MACs counted from what each model ran). The learned ratios are plotted with
-`leandit analyze ratios` (benchmarks/diffcr_digits_ratios.png: the 50 % model).
-Finished runs are reused; `--report` rewrites the table only.
+mean kept ratio, the model's own loss); 0.5 distilled from the teacher (`--mix masked-kd`);
+`--target 0.5 --budget macs` (the budget on the MAC ratio, attention's quadratic cost and the
+unrouted parts counted); for each routed model a ShortGPT depth-pruned model (`leandit prune
+--method shortgpt --keep K` + `leandit finetune --mix masked-kd`, as benchmarks/dydit_digits.py
+does) with K the number of blocks whose MACs are nearest the routed model's. Each model is
+sampled and scored exactly as in dydit_digits.py (1000 class-balanced samples, 50 DDIM steps,
+no guidance, seed 0; digits-FID and class agreement); MACs and speed-up come from one
+`leandit bench --trajectory 25` run over all finished models at batch 250 (whole DDIM sampling
+runs, MACs counted from what each model ran). The learned ratios and token maps of the 50 %
+model come from `leandit analyze ratios` (benchmarks/diffcr_digits_ratios.png,
+diffcr_digits_token_maps.png). Training runs go `--jobs` at a time, each its own one-thread
+process, while the finished models are scored. Finished runs are reused (`--only` picks routed
+rows by folder name; a later call adds its rows to the table); `--report` rewrites the table only.
 """
 
 from __future__ import annotations
@@ -148,22 +151,31 @@ def main() -> None:
             for keep, job in sorted(pruning.items()):
                 job.result()
                 scored(f"ShortGPT {keep} of 12 + masked KD", work / f"shortgpt-{keep}" / "model")
+        # Every finished routed row (of this run or of an earlier one with other --only rows), each followed
+        # by its depth-pruned counterpart: all timed together in one bench run.
         order = ["teacher"]
-        for name, _, _ in rows:
-            depth_name = f"ShortGPT {keeps[name]} of 12 + masked KD"
-            order += [name] + ([depth_name] if depth_name not in order else [])
+        for name, slug, _ in ROUTED:
+            if "digits_fid" not in store.get(name, {}):
+                continue
+            depth_name = f"ShortGPT {nearest_depth(work / slug / 'model')} of 12 + masked KD"
+            if "digits_fid" in store.get(depth_name, {}):
+                order += [name] + ([depth_name] if depth_name not in order else [])
         bench = work / "bench.json"
         cli("bench", *[store[n]["folder"] for n in order], "--batch-size", "250", "--cfg-scale", "1", "--sampling-steps", "50",
             "--trajectory", "25", "--warmup", "1", "--rounds", str(args.rounds), "--no-memory", "--json", str(bench))
         measured = json.loads(bench.read_text())
         for name, row in zip(order, measured["rows"]):
-            store[name].update(flops_per_step=row["flops_per_step"], speedup=row["speedup"], latency_ms=row["latency_ms"])
+            store[name].update(flops_per_step=row["flops_per_step"], speedup=row["speedup"], latency_ms=row["latency_ms"],
+                              latency_spread_ms=row["latency_spread_ms"])
         store["order"] = order
+        store["settings"] = {"steps": args.steps, "batch_size": args.batch_size, "samples": args.samples, "rounds": args.rounds}
         store["machine"] = measured["machine"]
         cli("analyze", "ratios", store["DiffCR 50 %"]["folder"], "--out", str(work / "ratios-0.5"))
         shutil.copyfile(work / "ratios-0.5" / "ratios.png", HERE / "diffcr_digits_ratios.png")
         shutil.copyfile(work / "ratios-0.5" / "token_maps.png", HERE / "diffcr_digits_token_maps.png")
-        for name, slug, _ in rows:
+        for name, slug, _ in ROUTED:
+            if name not in order:
+                continue
             store[name]["ratio_table"] = leandit.load_model(work / slug / "model").ratio_table()
             store[name]["last_logs"] = json.loads((work / slug / "metrics.jsonl").read_text().splitlines()[-1])
         store["run_seconds"] = store.get("run_seconds", 0.0) + time.perf_counter() - started
@@ -172,22 +184,24 @@ def main() -> None:
 
 
 def write_report(store: dict, args, path: Path) -> None:
+    args = argparse.Namespace(**{**vars(args), **store.get("settings", {})})  # what the measured run used
     dense = store["teacher"]["flops_per_step"]
     lines = [
         "# Token routing (DiffCR) on the digits teacher, beside depth pruning of similar MACs",
         "",
         f"Machine: {store.get('machine', '?')}. Command: `OMP_NUM_THREADS=1 python benchmarks/diffcr_digits.py` "
-        f"({args.steps} fine-tuning steps at batch {args.batch_size} for every model, {args.jobs} training runs at once; "
-        f"{store.get('run_seconds', 0) / 60:.0f} min in all).",
+        f"({args.steps} fine-tuning steps at batch {args.batch_size} for every model; the training runs go in parallel, "
+        f"each a one-thread process, so their wall times overlap; {store.get('run_seconds', 0) / 60:.0f} min in all).",
         "",
-        "| model | MACs (of the teacher's) | digits-FID | class agreement | speed-up (measured) | speed-up / ideal | training wall (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | MACs (of the teacher's) | digits-FID | class agreement | latency / step (ms) | speed-up (measured) | speed-up / ideal | training wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in store.get("order", []):
         row = store[name]
         ratio = row["flops_per_step"] / dense
         trained = f"{row['train_seconds']:.0f}" if "train_seconds" in row else "-"
-        lines.append(f"| {name} | {ratio:.1%} | {row['digits_fid']:.2f} | {row['class_agreement']:.1%} | "
+        latency = f"{row['latency_ms']:.0f} ± {row['latency_spread_ms']:.0f}" if "latency_spread_ms" in row else "?"
+        lines.append(f"| {name} | {ratio:.1%} | {row['digits_fid']:.2f} | {row['class_agreement']:.1%} | {latency} | "
                      f"{row['speedup']:.2f}x | {row['speedup'] * ratio:.0%} | {trained} |")
     lines += [
         "",
@@ -195,7 +209,8 @@ def write_report(store: dict, args, path: Path) -> None:
         "samples, sampler and seeds as benchmarks/dydit_digits.md, so the numbers compare). MACs and speed-up: one "
         f"`leandit bench --trajectory 25 --batch-size 250 --cfg-scale 1 --rounds {args.rounds}` over all models (whole "
         "25-step DDIM sampling runs, every model timed in turn in each round; MACs per step counted from what each model "
-        "ran, the token routers included). 'speed-up / ideal' is the share of the ideal speed-up (1 / MAC ratio) that "
+        "ran, the token routers included); latency is the median per step over the rounds ± half the interquartile range. "
+        "'speed-up / ideal' is the share of the ideal speed-up (1 / MAC ratio) that "
         "wall-clock time shows. The depth-pruned rows keep the number of blocks whose MACs are nearest each routed "
         "model's (ShortGPT scores, recovered with masked KD from the teacher).",
         "",
