@@ -1,5 +1,5 @@
-"""DDP on 2 CPU processes (gloo): train, resume, learnable pruning, fine-tuning, DyDiT fine-tuning
-and sampling on two processes give what one process gives, the gradients are averaged (not summed) over the
+"""DDP on 2 CPU processes (gloo): train, resume, learnable pruning, fine-tuning, DyDiT fine-tuning,
+token routing (DiffCR) and sampling on two processes give what one process gives, the gradients are averaged (not summed) over the
 processes, and the NaN guard decides alike on every rank.
 
 Every two-process run happens in ONE torchrun launch (tests/two_process_checks.py, started
@@ -25,7 +25,7 @@ from leandit.evaluate.sampling import generate, make_labels, to_uint8_images
 
 from conftest import ROOT, randomize_, tiny_model
 from test_dynamic import mixed_model
-from two_process_checks import first_step_gradients
+from two_process_checks import first_step_gradients, routed_source
 
 pytestmark = pytest.mark.slow  # one torchrun launch of two processes: about a minute on 2 cores
 
@@ -66,6 +66,13 @@ def dynamic_args(inputs: Path, out: Path) -> list[str]:
             "--router-lr", "1e-3", *LOOP]
 
 
+def route_args(inputs: Path, out: Path) -> list[str]:
+    # From a routed model whose ratios sit between bins (two capacities run and mixed in every
+    # block and region) and whose routers are random (the kept tokens differ per image).
+    return ["route", str(inputs / "route-source"), "--target", "0.5", "--steps", "3", "--out", str(out), "--lr", "1e-3",
+            "--router-lr", "1e-2", *LOOP]
+
+
 def sample_args(inputs: Path, out: Path) -> list[str]:
     return ["sample", str(inputs / "sampler"), *SAMPLE, "--out", str(out)]
 
@@ -80,6 +87,7 @@ def runs(tmp_path_factory):
     export_pruned(teacher, explicit([0, 3], 4, parse_scheme("1:2", 4)), inputs / "student", source_name="teacher")
     leandit.save_model(randomize_(tiny_model(depth=2), std=0.1), inputs / "sampler")
     leandit.save_model(mixed_model(depth=2), inputs / "dynamic-source")
+    leandit.save_model(routed_source(), inputs / "route-source")
     plan = {
         "commands": [
             train_args(two / "train"),
@@ -88,6 +96,7 @@ def runs(tmp_path_factory):
             prune_args(inputs, two / "prune"),
             finetune_args(inputs, two / "finetune"),
             dynamic_args(inputs, two / "dynamic"),
+            route_args(inputs, two / "route"),
             sample_args(inputs, two / "sample"),
         ],
         "jobs": str(two / "jobs"),
@@ -196,6 +205,37 @@ def test_dydit_on_two_processes_trains_like_one(runs, tmp_path):
         for key in ("loss", "diffusion", "macs_ratio", "flops_loss"):
             assert first[0][key] == pytest.approx(first[1][key], rel=1e-5, abs=1e-9), (line, key)
     assert 0.2 < first[0]["macs_ratio"] < 0.9  # mixed decisions: neither dense nor the floor
+
+
+def test_token_routing_on_two_processes_trains_like_one(runs, tmp_path):
+    """3 RouteJob steps of `leandit route` (regions stratified by global batch index, each
+    process routing its half of the batch): the weights, routers, ratios and EMA after the
+    steps and every logged loss are the one-process run's."""
+    inputs, two_runs = runs
+    _main(route_args(inputs, tmp_path / "one"))
+    source = load_file(str(inputs / "route-source" / "wrapper-0-diffcr.safetensors"))
+    for name in ("model.safetensors", "wrapper-0-diffcr.safetensors", "ema.safetensors"):
+        one = load_file(str(tmp_path / "one" / "model" / name))
+        two = load_file(str(two_runs / "route" / "model" / name))
+        assert one.keys() == two.keys()
+        for k in one:
+            a, b = one[k], two[k]
+            if k.endswith("attn.qkv.bias"):  # the key bias: rounding noise scaled up by Adam (see the DyDiT check)
+                a, b = torch.cat(a.chunk(3)[::2]), torch.cat(b.chunk(3)[::2])
+            assert (a - b).abs().max() < 1e-5, (name, k)
+    routers = load_file(str(tmp_path / "one" / "model" / "wrapper-0-diffcr.safetensors"))
+    for k in ("blocks.0.router.weight", "blocks.1.router.weight", "ratios"):
+        assert (routers[k] - source[k]).abs().max() > 1e-3, k  # the routers and the ratios trained
+    # The schedule frozen from those ratios is the same table.
+    tables = [json.loads((folder / "model" / "config.json").read_text())["wrappers"][0]["table"]
+              for folder in (tmp_path / "one", two_runs / "route")]
+    assert tables[0]["schedule"] == tables[1]["schedule"]
+    for line in range(3):
+        first = [json.loads((folder / "metrics.jsonl").read_text().splitlines()[line])
+                 for folder in (tmp_path / "one", two_runs / "route")]
+        for key in ("loss", "diffusion", "budget_loss", "kept_ratio", "macs_ratio"):
+            assert first[0][key] == pytest.approx(first[1][key], rel=1e-5, abs=1e-9), (line, key)
+    assert 0.4 < first[0]["kept_ratio"] < 0.8  # between bins, not dense
 
 
 def test_two_processes_write_the_same_file_as_one_and_as_direct_generation(runs, tmp_path):

@@ -13,7 +13,7 @@ from leandit.evaluate.digits_features import digits_as_uint8, load_digits_featur
 from leandit.evaluate.feature_nets import extract_features
 from leandit.evaluate.metrics import all_metrics
 
-TINY = DemoSettings(prune_steps=3, recover_steps=3, dynamic_steps=3, batch_size=16, samples_per_class=3, sampling_steps=3,
+TINY = DemoSettings(prune_steps=3, recover_steps=3, dynamic_steps=3, route_steps=3, batch_size=16, samples_per_class=3, sampling_steps=3,
                     bench_rounds=1, bench_trajectory=2)
 
 
@@ -22,10 +22,10 @@ def test_the_demo_prunes_recovers_measures_and_reports_then_reuses_its_stages(tm
     messages: list[str] = []
     report = run_demo(tmp_path / "demo", progress=False, log=messages.append, settings=TINY)
     text = report.read_text()
-    for name in ("teacher", "learnable 1:2", "ShortGPT", "oracle", "DyDiT 0.5"):
+    for name in ("teacher", "learnable 1:2", "ShortGPT", "oracle", "DyDiT 0.5", "DiffCR 0.5"):
         assert f"| {name} |" in text
     assert "| ShortGPT | [0, 1, 2, 3, 4, 5] |" in text and "| oracle | [0, 2, 4, 7, 9, 11] |" in text
-    for grid in ("teacher_grid.png", "learnable_grid.png", "shortgpt_grid.png", "oracle_grid.png", "dydit_grid.png"):
+    for grid in ("teacher_grid.png", "learnable_grid.png", "shortgpt_grid.png", "oracle_grid.png", "dydit_grid.png", "diffcr_grid.png"):
         assert (tmp_path / "demo" / grid).stat().st_size > 500 and f"({grid})" in text
     state = json.loads((tmp_path / "demo" / "state.json").read_text())
     recovered = json.loads((tmp_path / "demo" / "recover-learnable" / "model" / "compression.json").read_text())
@@ -34,6 +34,10 @@ def test_the_demo_prunes_recovers_measures_and_reports_then_reuses_its_stages(tm
     assert speed["teacher"]["speedup"] == 1.0 and speed["oracle"]["depth"] == 6
     # The dynamic model's FLOPs are counted from what it ran: at most the teacher's plus its routers.
     assert 0 < speed["DyDiT 0.5"]["flops_per_step"] <= 1.01 * speed["teacher"]["flops_per_step"]
+    assert 0 < speed["DiffCR 0.5"]["flops_per_step"] <= 1.01 * speed["teacher"]["flops_per_step"]
+    assert "| DiffCR 0.5 | all 12, on routed tokens |" in text
+    routed = json.loads((tmp_path / "demo" / "route-diffcr" / "model" / "compression.json").read_text())
+    assert [r["method"] for r in routed] == ["diffcr"] and routed[-1]["target"] == 0.5 and routed[-1]["training"]["budget"] == "macs"
     dynamic = json.loads((tmp_path / "demo" / "dynamic-dydit" / "model" / "compression.json").read_text())
     assert [r["method"] for r in dynamic] == ["dydit"] and dynamic[-1]["target"] == 0.5
     scored = state["sample-oracle-recovered"]["result"]

@@ -34,6 +34,25 @@ def tiny_dit() -> leandit.DiT:
                                num_classes=10, space="pixel")
 
 
+def routed_source():
+    """A 2-block routed DiT (the `leandit route` defaults: 4 regions, 10 bins) whose ratios sit
+    between bins and whose routers are random, so the two-process route check really runs two
+    capacities per block and region and mixes them (test_ddp's route-source folder)."""
+    from leandit.compress.routing import RoutedModel
+
+    gen = torch.Generator().manual_seed(3)
+    dense = tiny_dit()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    model = RoutedModel(dense)
+    with torch.no_grad():
+        model.ratios.copy_(torch.tensor([[0.55, 0.72, 0.38, 0.91], [0.66, 0.23, 0.84, 0.47]]))
+        for block in model.routed_blocks:
+            block.router.weight.copy_(torch.randn(block.router.weight.shape, generator=gen))
+    return model
+
+
 def toy_data() -> TensorDataset:
     gen = torch.Generator().manual_seed(0)
     return TensorDataset(torch.rand(64, 1, 8, 8, generator=gen), torch.randint(0, 10, (64,), generator=gen))

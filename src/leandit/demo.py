@@ -1,12 +1,12 @@
 """The end-to-end story on the embedded digits teacher, as stages that are reused when rerun.
 
 Prune the 12-block teacher to 6 blocks with learnable 1:2 (TinyFusion) and two baselines
-(ShortGPT, oracle), recover each with masked KD, make it dynamic at half its MACs (DyDiT),
-sample every model, measure digits-FID and class agreement (before and after recovery for
+(ShortGPT, oracle), recover each with masked KD, make it dynamic at half its MACs (DyDiT) and
+route its tokens at half its MACs (DiffCR), sample every model, measure digits-FID and class agreement (before and after recovery for
 the pruned ones), measure speed side by side over whole sampling runs, and write
 `report.md` with one table and the sample grids. Pruning, recovery and DyDiT run through
-the same commands a user runs (`leandit prune`, `leandit finetune`, `leandit dynamic`), in
-process.
+the same commands a user runs (`leandit prune`, `leandit finetune`, `leandit dynamic`,
+`leandit route`), in process.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class DemoSettings:
     recover_steps: int = 350
     dynamic_steps: int = 300
     dynamic_target: float = 0.5
+    route_steps: int = 250
+    route_target: float = 0.5  # of the MACs removed (`leandit route --budget macs`)
     batch_size: int = 64
     samples_per_class: int = 100
     sampling_steps: int = 50
@@ -105,7 +107,7 @@ def stage_names() -> list[str]:
     for name in PRUNINGS:
         slug = _slug(name)
         names += [f"prune-{slug}", f"recover-{slug}", f"sample-{slug}-pruned", f"sample-{slug}-recovered"]
-    return [*names, "dynamic-dydit", "sample-dydit", "speed"]
+    return [*names, "dynamic-dydit", "sample-dydit", "route-diffcr", "sample-diffcr", "speed"]
 
 
 def check_redo(redo) -> None:
@@ -193,30 +195,37 @@ def run_demo(
                                 lambda recover_dir=recover_dir, name=name: sample_and_score(f"{name} recovered", recover_dir / "model")),
         }
 
-    dynamic_dir = folder / "dynamic-dydit"
-    dydit = f"DyDiT {s.dynamic_target:g}"
+    # Methods fine-tuned from the teacher in one go: (row name, stage, command and its method options, steps).
+    one_go = [
+        (f"DyDiT {s.dynamic_target:g}", "dynamic-dydit", ["dynamic", "--target", f"{s.dynamic_target:g}"], s.dynamic_steps),
+        (f"DiffCR {s.route_target:g}", "route-diffcr", ["route", "--target", f"{s.route_target:g}", "--budget", "macs"],
+         s.route_steps),
+    ]
+    for name, stage, command, steps in one_go:
+        out_dir = folder / stage
 
-    def make_dynamic() -> dict[str, Any]:
-        shutil.rmtree(dynamic_dir, ignore_errors=True)
-        _cli("dynamic", str(teacher_dir), "--target", f"{s.dynamic_target:g}", "--steps", str(s.dynamic_steps),
-             "--batch-size", str(s.batch_size), "--out", str(dynamic_dir), "--device", str(device), *quiet)
-        return {"model": str(dynamic_dir / "model")}
+        def make(out_dir=out_dir, command=command, steps=steps) -> dict[str, Any]:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            _cli(command[0], str(teacher_dir), *command[1:], "--steps", str(steps), "--batch-size", str(s.batch_size),
+                 "--out", str(out_dir), "--device", str(device), *quiet)
+            return {"model": str(out_dir / "model")}
 
-    dynamic_settings = {"model": teacher_id, "target": s.dynamic_target, "steps": s.dynamic_steps, "batch_size": s.batch_size}
-    stages.run("dynamic-dydit", dynamic_settings, make_dynamic)
-    rows[dydit] = {"dynamic": True, "after": stages.run("sample-dydit", {"dynamic": stages.stamp("dynamic-dydit"), **sample},
-                                                         lambda: sample_and_score(dydit, dynamic_dir / "model"))}
+        stages.run(stage, {"model": teacher_id, "command": command, "steps": steps, "batch_size": s.batch_size}, make)
+        sample_stage = "sample-" + stage.split("-")[1]
+        rows[name] = {"one_go": command[0], "after": stages.run(
+            sample_stage, {stage: stages.stamp(stage), **sample},
+            lambda out_dir=out_dir, name=name: sample_and_score(name, out_dir / "model"))}
 
     def speed() -> dict[str, Any]:
         models = [("teacher", teacher)] + [(name, load_model(folder / f"recover-{_slug(name)}" / "model", device=device)) for name in PRUNINGS]
-        models.append((dydit, load_model(dynamic_dir / "model", device=device)))
+        models += [(name, load_model(folder / stage / "model", device=device)) for name, stage, _, _ in one_go]
         results = measure_speed(models, 250, cfg_scale=CFG_SCALE, sampling_steps=s.sampling_steps, warmup=1, rounds=s.bench_rounds,
                                 device=device, trajectory_steps=s.bench_trajectory)
         return {r.name: r.to_dict() for r in results}
 
     speeds = stages.run("speed", {"models": [teacher_id, *[stages.stamp(f"recover-{_slug(n)}") for n in PRUNINGS],
-                                             stages.stamp("dynamic-dydit")], "batch": 250, "rounds": s.bench_rounds,
-                                  "trajectory": s.bench_trajectory}, speed)
+                                             *[stages.stamp(stage) for _, stage, _, _ in one_go]], "batch": 250,
+                                  "rounds": s.bench_rounds, "trajectory": s.bench_trajectory}, speed)
     report = folder / "report.md"
     write_text_atomically(report, _report(info, rows, speeds, s, time.perf_counter() - started))
     return report
@@ -228,7 +237,7 @@ def _cli(*args: str) -> None:
 
 
 def _slug(name: str) -> str:
-    return name.split()[0].lower() if name != "teacher" else "teacher"  # "DyDiT 0.5" -> "dydit"
+    return name.split()[0].lower() if name != "teacher" else "teacher"  # "DyDiT 0.5" -> "dydit", "DiffCR 0.5" -> "diffcr"
 
 
 def _file_hash(path: Path) -> str:
@@ -247,7 +256,9 @@ def _report(info: dict, rows: dict, speeds: dict, s: DemoSettings, seconds: floa
            "benchmarks/depth_pruning_digits.md has the 2000-step decision" if rows.get("learnable 1:2", {}).get("lowest_confidence") else "")
         + f"), and made dynamic at the same MACs instead: DyDiT (`leandit dynamic --target {s.dynamic_target:g}`, width "
         f"routers on the timestep and token routers before each MLP, fine-tuned {s.dynamic_steps} steps at batch "
-        f"{s.batch_size} on its own loss).",
+        f"{s.batch_size} on its own loss), or given token routing at half the MACs: DiffCR (`leandit route --target "
+        f"{s.route_target:g} --budget macs`, a router and a learned kept ratio per block and timestep region, fine-tuned "
+        f"{s.route_steps} steps at batch {s.batch_size} on its own loss; inference runs each block on its scheduled top-k tokens).",
         "",
         "| method | blocks kept | params | MFLOPs / image / step | digits-FID before recovery | digits-FID after | "
         "class agreement after | speed-up |",
@@ -257,8 +268,10 @@ def _report(info: dict, rows: dict, speeds: dict, s: DemoSettings, seconds: floa
         after = row["after"]
         d = after["description"]
         before = f"{row['before']['digits_fid']:.2f}" if "before" in row else "–"
-        if row.get("dynamic"):
+        if row.get("one_go") == "dynamic":
             kept = f"all {d['architecture']['depth']}, dynamic width and tokens"
+        elif row.get("one_go") == "route":
+            kept = f"all {d['architecture']['depth']}, on routed tokens"
         else:
             kept = str(row["kept"]) if "kept" in row else f"all {d['architecture']['depth']}"
         flops = speeds[name]["flops_per_step"] / 250 / 1e6
@@ -271,8 +284,9 @@ def _report(info: dict, rows: dict, speeds: dict, s: DemoSettings, seconds: floa
         f"no guidance) and the 1797 real digits: comparable among these models only, not with Inception FID. Class "
         "agreement: the share of samples an SVC trained on the real digits puts in the class asked for. FLOPs and speed-up: "
         f"whole {s.bench_trajectory}-step {SAMPLER} sampling runs at batch 250 on this machine, every model timed in turn "
-        f"({s.bench_rounds} interleaved rounds); latency and FLOPs are means per step, a dynamic model's FLOPs counted from the "
-        "heads, channels and tokens it ran (its routers included). DyDiT is fine-tuned in one go, so it has no 'before'.",
+        f"({s.bench_rounds} interleaved rounds); latency and FLOPs are means per step, a dynamic or routed model's FLOPs counted "
+        "from the heads, channels and tokens it ran (its routers included). DyDiT and DiffCR are fine-tuned in one go, so they "
+        "have no 'before'.",
         "",
         "Samples, one class per column (first 10 of each class):",
         "",

@@ -8,6 +8,7 @@ import json
 from ..compress.recovery.alignment import layer_origins, pruning_records
 from ..models.summary import describe
 from ..backbones import backbone
+from ..models.inpaint import inpaint_layer
 from ..models.io import is_named_size
 from .common import add_model_options, open_model, si
 
@@ -31,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     model = open_model(args.model, args, device="meta" if is_named_size(args.model) else "cpu", allow_random=True)
     info = describe(model, args.batch_size)
+    inpaint = inpaint_layer(model)
+    if inpaint is not None:
+        info["inpainting"] = inpaint.summary()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -43,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
           f"patch {c.patch_size}, {info['tokens']} tokens")
     print(f"input       {c.in_channels} x {c.input_size} x {c.input_size} ({c.space} space), conditioned on {c.conditioning.describe()}")
     print(f"objective   {c.objective}" + (" with learned sigma" if c.learn_sigma else ""))
+    if inpaint is not None:
+        s = info["inpainting"]
+        print(f"inpainting  an inpainting variant: {s['extra_channels']} extra input channels through a patch embedding of "
+              f"{s['parameters']:,} parameters ({s['mask_convention']}); fine-tuned on masks: {s['trained_masks'] or 'none yet'}")
     print(f"parameters  {info['parameters']:,} ({si(info['parameters'], digits=2)}) "
           f"+ {info['fixed_position_embedding']:,} fixed position-embedding values")
     dynamic = info.get("dynamic")
@@ -55,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"routing     DiffCR token routing, {dynamic['macs_ratio']:.1%} of the MACs on average over {regions} timestep "
               f"region{'s' if regions > 1 else ''} ({per_region}; region 1 = t nearest the data for DiT, the noise for SiT), "
               f"scale {settings['scale']}, {settings['multiplier']} multiplier"
-              + (", skipped tokens as keys/values" if settings["skipped_kv"] else ""))
+              + (", skipped tokens as keys/values" if settings["skipped_kv"] else "")
+              + (" (around DyDiT: at full width; its narrower widths save more, `leandit bench --trajectory` counts both)"
+                 if dynamic.get("around") == "DyDiT" else ""))
         kept = ", ".join(f"{v:g}" for v in dynamic["mean_kept_per_layer"])
         print(f"tokens      mean kept tokens per block (of {dynamic['tokens']}): {kept}"
               + ("" if dynamic["frozen"] else " (ratios not frozen: their nearest bins)"))
@@ -79,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         elif method == "dydit":
             line += f": target {record.get('target')} of the MACs ({record.get('steps', '?')} steps, --mix {record.get('loss', {}).get('mix', '?')})"
         elif method == "diffcr":
-            line += (f": {record.get('target', 0):.0%} less {'MACs' if record.get('training', {}).get('budget') == 'macs' else 'block tokens'} "
+            line += (f": {record.get('target', 0):.0%} {'fewer MACs' if record.get('training', {}).get('budget') == 'macs' else 'fewer block tokens'} "
                      f"targeted ({record.get('steps', '?')} steps, --mix {record.get('loss', {}).get('mix', '?')})")
         elif method == "recovery":
             line += f" ({record.get('loss', {}).get('mix', '?')}, {record.get('steps', '?')} steps)"

@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
     method.add_argument("--skipped-kv", action="store_true",
                         help="the kept tokens' attention also reads the skipped tokens' keys and values (leandit DiT/SiT "
                         "blocks; default: attention among the kept tokens only, the paper's)")
+    method.add_argument("--inpaint", metavar="MASKS", default=None,
+                        help="an inpainting model is fine-tuned on inpainting: the masks its steps draw (default: the masks it "
+                        "was trained with, else mixed; see `leandit train --inpaint`)")
     add_common_options(p, "optimisation steps")
     p.set_defaults(run=run)
 
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         return True
 
     def make_job(model, recovery, **kwargs):
-        return RouteJob(model, training, recovery, **kwargs)
+        return RouteJob(model, training, recovery, masks=_masks(args, model), **kwargs)
 
     def describe(model, job) -> str:
         floor = RouteJob.reachable(model, training.budget)
@@ -84,11 +87,24 @@ def run(args: argparse.Namespace) -> int:
 
     def record() -> dict[str, Any]:
         return {"method": "diffcr", "source": str(args.model), "target": training.target, "settings": asdict(settings),
-                "training": asdict(training)}
+                "training": asdict(training), "inpaint": args.inpaint}
 
     return run_router_training(args, kind=KIND, wrap=lambda source: RoutedModel(source, settings), is_wrapped=is_wrapped,
-                               make_job=make_job, record=record, resume_keys=("target", "settings", "training"),
+                               make_job=make_job, record=record, resume_keys=("target", "settings", "training", "inpaint"),
                                describe=describe)
+
+
+def _masks(args: argparse.Namespace, model) -> Any:
+    """The inpainting masks of an inpainting model's steps; None for any other model."""
+    from ..backbones import backbone
+    from ..models.inpaint import inpaint_layer, parse_masks
+
+    layer = inpaint_layer(model)
+    if layer is None:
+        if args.inpaint is not None:
+            raise ValueError(f"--inpaint: {args.model} is not an inpainting model (make one with `leandit train --inpaint`)")
+        return None
+    return parse_masks(args.inpaint or layer.trained_masks or "mixed", backbone(model).spec.input_size)
 
 
 __all__ = ["SUMMARY", "add_parser", "run"]

@@ -15,6 +15,8 @@ from ..backbones import Conditioning, backbone
 from ..diffusion import GaussianDiffusion, LinearFlow
 from ..data.vae import load_vae
 from ..diffusion import make_objective
+from ..evaluate.inpainting import InpaintingRun
+from ..models.inpaint import SPEC_HELP
 from ..evaluate.sample_run import PartPlan, assemble, check_settings, first_images, make_parts, write_settings
 from ..evaluate.sampling import check_sampling_options, generate, make_labels, save_grid, to_uint8_images
 from ..train.distributed import barrier, setup_distributed, teardown_distributed
@@ -35,7 +37,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("model", help="model folder, DiT/SiT checkpoint file (.pt/.safetensors), or a named size (random weights)")
     p.add_argument("--out", type=Path, required=True, help="output folder for samples.npz and grid.png")
-    p.add_argument("--num-samples", type=int, default=64, help="number of samples (default 64; 50000 for the standard FID)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="number of samples (default 64; 50000 for the standard FID; with --inpaint: the first N images, default all)")
     p.add_argument("--labels", default="balanced",
                    help="class-conditional models: balanced (0,1,..,K-1,0,..), random (uniform, seeded), or comma-separated "
                    "class ids (default balanced)")
@@ -56,6 +59,13 @@ def add_parser(sub) -> None:
     p.add_argument("--part-size", type=int, default=1000, help="images per part file: the unit of resuming and of splitting across processes (default 1000)")
     p.add_argument("--grid", type=int, default=100, help="images in grid.png, the first ones (default 100; 0 = no grid)")
     p.add_argument("--grid-columns", type=int, default=None, help="columns of the PNG grid (default: number of classes up to 16, else sqrt(N))")
+    p.add_argument("--inpaint", metavar="MASKS", default=None,
+                   help=f"inpainting models: complete --images where MASKS says the pixels are unknown: {SPEC_HELP}. The known "
+                   "pixels are pasted back at the end (kept exactly); masks.npz records the masks, grid.png shows masked "
+                   "input / completion / original")
+    p.add_argument("--images", default=None,
+                   help="with --inpaint: an .npz (arr_0 = N x H x W x C uint8, arr_1 = labels) or 'digits' (the 450 "
+                   "held-out digits of the digits feature net's split)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_options(p)
@@ -65,7 +75,7 @@ def add_parser(sub) -> None:
 def _check_plain_options(args: argparse.Namespace) -> None:
     """The options that need no model: checked before it is read."""
     for option in ("num_samples", "batch_size", "part_size"):
-        if getattr(args, option) < 1:
+        if getattr(args, option) is not None and getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
@@ -100,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)  # a named size's random weights: the same on every rank and every resume
         model = open_model(args.model, args, device=dist.device, allow_random=True)
         spec = backbone(model).spec
+        inpaint = InpaintingRun.for_command(model, args)  # None: ordinary sampling
+        if inpaint is None and args.num_samples is None:
+            args.num_samples = 64
         vae = None
         if args.vae is not None and spec.space != "latent":
             raise ValueError(f"--vae applies to latent-space models; this model is in {spec.space} space")
@@ -116,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
         steps = args.steps if args.steps is not None else (250 if sampler == "ddpm" else 50)
         _check_model_options(args, spec, sampler, steps)
         guided_channels = None if args.guided_channels == spec.channels_to_guide else args.guided_channels
-        labels = conditions.labels(args.num_samples, args.seed)
-        plan = PartPlan(args.num_samples, args.part_size)
+        labels = torch.from_numpy(inpaint.labels) if inpaint else conditions.labels(args.num_samples, args.seed)
+        plan = PartPlan(inpaint.num if inpaint else args.num_samples, args.part_size)
         settings = {
             "model": str(args.model), "model_files": _files_stamp(args.model), "weights": args.weights, "objective": args.objective,
             "space": args.space, "num_heads": args.num_heads, "num": args.num_samples, "labels": args.labels, "seed": args.seed,
@@ -126,9 +139,15 @@ def run(args: argparse.Namespace) -> int:
         }
         if args.prompts is not None:
             settings.update(prompts=str(args.prompts), prompts_files=_files_stamp(str(args.prompts)))
+        if inpaint:
+            settings.update(num=inpaint.num, **inpaint.settings())
         check_settings(args.out, settings)  # every rank refuses alike; written with the first part
 
         def render(indices: range) -> np.ndarray:
+            if inpaint:
+                x = inpaint.complete(model, indices, sampler=sampler, steps=steps, cfg_scale=args.cfg_scale,
+                                     guided_channels=guided_channels, eta=args.eta, batch_size=args.batch_size)
+                return to_uint8_images(x, spec.space)
             x = generate(model, conditions.condition(labels[indices.start : indices.stop]), sampler=sampler, steps=steps,
                          cfg_scale=args.cfg_scale, guided_channels=guided_channels, eta=args.eta, seed=args.seed,
                          indices=indices, batch_size=args.batch_size, progress=False, conditioning=conditions.conditioning)
@@ -144,9 +163,13 @@ def run(args: argparse.Namespace) -> int:
         barrier()
         if dist.is_main:
             npz = assemble(plan, args.out)
-            log(f"{plural(args.num_samples, 'sample')} ({plural(plan.num_parts, 'part')}, {made} made by this process in "
+            log(f"{plural(plan.num, 'sample')} ({plural(plan.num_parts, 'part')}, {made} made by this process in "
                 f"{duration(time.perf_counter() - started)} on {dist.world_size} x {dist.device}): {npz}")
-            if args.grid > 0:
+            if inpaint:
+                completions = first_images(plan, args.out, args.grid)[0] if args.grid > 0 else None
+                written = inpaint.write_extras(args.out, completions, args.grid, args.grid_columns)
+                log(f"masks and the grid of masked input / completion / original: {', '.join(map(str, written))}")
+            elif args.grid > 0:
                 images, grid_labels = first_images(plan, args.out, args.grid)
                 columns = args.grid_columns or conditions.grid_columns()
                 grid = save_grid(args.out / "grid.png", images, ncols=columns, column_labels=_column_labels(grid_labels, columns, conditions))

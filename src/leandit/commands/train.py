@@ -20,6 +20,7 @@ from ..backbones import backbone
 from ..data import open_training_data
 from ..diffusion import make_objective
 from ..models import build_model, save_model
+from ..models.inpaint import SPEC_HELP, InpaintModel, inpaint_layer, parse_masks
 from ..models.io import is_named_size, parse_named_size
 from ..train import DenoisingJob, LoopConfig, Trainer, setup_distributed, teardown_distributed
 from ..train.distributed import barrier
@@ -57,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     **{name: _LOOP[name] for name in _LOOP_FIELDS},
     "class_dropout": None,
     "device": "auto",
+    "inpaint": None,
 }
 
 
@@ -94,6 +96,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="seed of data order, noise, timesteps and label drops (default 0)")
     p.add_argument("--num-workers", type=int, help="data-loading worker processes per training process (default 0)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--inpaint", nargs="?", const="mixed", metavar="MASKS",
+                   help="fine-tune an inpainting variant (the masked image and the mask as extra input channels, new "
+                   "weights zero-initialised so it starts as the model) with masks drawn per image: "
+                   f"{SPEC_HELP}; --inpaint alone = mixed")
     p.add_argument("--stop-after", type=int, default=None, help="end this invocation after N more steps (resumable), e.g. to time-slice a long run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_overwrite_option(p)
@@ -134,6 +140,22 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def _make_job(model, s: dict[str, Any], objective, conditioning):
+    """(the model to train, its job): the plain objective, or inpainting with --inpaint (a
+    model not yet an inpainting variant is wrapped, its new weights at zero)."""
+    if s["inpaint"] is None:
+        if inpaint_layer(model) is not None:
+            raise ValueError("this is an inpainting model: pass --inpaint MASKS to fine-tune it (--inpaint alone: mixed masks)")
+        return model, DenoisingJob(model, objective, s["class_dropout"], conditioning)
+    from ..train.inpainting import InpaintingJob
+
+    masks = parse_masks(s["inpaint"], backbone(model).spec.input_size)
+    if inpaint_layer(model) is None:
+        model = InpaintModel(model)
+    inpaint_layer(model).trained_masks = masks.text  # the record of what it was fine-tuned on last
+    return model, InpaintingJob(model, objective, masks, s["class_dropout"], conditioning)
+
+
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -166,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
                             **{**loop, "ema_decay": s["ema_decay"] or None, "ema_warmup": bool(s["ema_warmup"]),
                                "grad_clip": s["grad_clip"] or None})
         spec = backbone(model).spec
-        job = DenoisingJob(model, make_objective(spec), s["class_dropout"], data_conditioning(model, dataset))
-        check_resume(args.out, s, model, ())  # the architecture decides (a model named two ways is the same)
+        model, job = _make_job(model, s, make_objective(spec), data_conditioning(model, dataset))
+        check_resume(args.out, s, model, ("inpaint",))  # the architecture decides (a model named two ways is the same)
         if dist.is_main:
             claim_out(args.out, KIND, args.overwrite)
             write_run_record(args.out, s, model, dist.world_size)

@@ -42,7 +42,8 @@ class WrapperType:
 
 WRAPPERS: dict[str, WrapperType] = {}
 # leandit's own methods register their wrappers when imported; a folder naming one imports it.
-BUILTIN_WRAPPERS: dict[str, str] = {"dydit": "leandit.compress.dynamic", "diffcr": "leandit.compress.routing"}
+BUILTIN_WRAPPERS: dict[str, str] = {"dydit": "leandit.compress.dynamic", "diffcr": "leandit.compress.routing",
+                                  "inpaint": "leandit.models.inpaint"}
 
 
 def register_wrapper(wrapper: WrapperType) -> WrapperType:
@@ -88,6 +89,23 @@ def write_wrappers(
     return records
 
 
+def check_wrapper_tensors(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], what: str, depth: int) -> None:
+    """Refuse a wrapper's saved tensors that do not fit the model it wraps (`what`: "DyDiT
+    router", "routing") or hold NaN/inf, naming a few of the keys."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                 f"mis-shaped {wrong[:3]}" if wrong else ""]
+        raise CheckpointError(
+            f"the {what} weights do not fit this {depth}-block model ({'; '.join(p for p in parts if p)}): "
+            "the router file belongs to another model or is damaged"
+        )
+    if any(not torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
+        raise CheckpointError(f"the {what} weights hold NaN or inf values: the router file is damaged")
+
+
 def apply_wrappers(model: nn.Module, records: list[dict[str, Any]], folder: Path) -> nn.Module:
     """Wrap `model` again as the folder's records say (innermost first)."""
     from .io import read_safetensors
@@ -107,4 +125,4 @@ def apply_wrappers(model: nn.Module, records: list[dict[str, Any]], folder: Path
     return model
 
 
-__all__ = ["WRAPPERS", "WrapperType", "apply_wrappers", "peel_wrappers", "register_wrapper", "write_wrappers"]
+__all__ = ["WRAPPERS", "WrapperType", "apply_wrappers", "check_wrapper_tensors", "peel_wrappers", "register_wrapper", "write_wrappers"]

@@ -45,6 +45,21 @@ class BlockPlan:
     token_noise: torch.Tensor | None = None
     patterns: list[tuple[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor | None]] | None = None
 
+    def subset(self, images: torch.Tensor) -> "BlockPlan":
+        """The plan of images `images` (M,) of the batch, for a wrapper that runs the block on
+        some images at a time (token routing runs each timestep region's images apart)."""
+        patterns = None
+        if self.patterns is not None:
+            position = {int(i): j for j, i in enumerate(images.tolist())}
+            patterns = []
+            for key, members in self.patterns:
+                chosen = list(position) if members is None else [int(i) for i in members.tolist() if int(i) in position]
+                if chosen:
+                    patterns.append((key, None if len(chosen) == len(position) else
+                                     torch.tensor([position[i] for i in chosen], device=images.device)))
+        mask = lambda v: v if v is None or v.dim() < 2 else v.index_select(0, images)  # noqa: E731
+        return BlockPlan(mask(self.head_mask), mask(self.channel_mask), mask(self.token_noise), patterns)
+
 
 def setup_dynamic_block(module: nn.Module, block: nn.Module, num_heads: int, head_dim: int, mlp_hidden: int, hidden: int,
                         width: bool, tokens: bool, tau: float) -> None:

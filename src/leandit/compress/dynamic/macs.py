@@ -60,11 +60,14 @@ class MacCounter:
             routed_width=model.settings.width, routed_tokens=model.settings.tokens,
         )
 
-    def attention(self, heads):
-        return heads * self.head_dim * (4 * self.tokens * self.hidden + 2 * self.tokens**2)
+    def attention(self, heads, tokens=None):
+        """MACs of attention with `heads` kept heads over `tokens` tokens (default: all)."""
+        tokens = self.tokens if tokens is None else tokens
+        return heads * self.head_dim * (4 * tokens * self.hidden + 2 * tokens**2)
 
-    def mlp(self, channels, token_fraction):
-        return channels * token_fraction * self.tokens * 2 * self.hidden
+    def mlp(self, channels, token_fraction, tokens=None):
+        tokens = self.tokens if tokens is None else tokens
+        return channels * token_fraction * tokens * 2 * self.hidden
 
     @property
     def fixed(self) -> int:
@@ -74,6 +77,12 @@ class MacCounter:
     def dynamic(self, heads: torch.Tensor, channels: torch.Tensor, token_fraction: torch.Tensor) -> torch.Tensor:
         """MACs per image (N,) for kept heads, channels and token fractions (N, L) per block."""
         blocks = self.attention(heads) + self.mlp(channels, token_fraction)  # (N, L)
+        return self.fixed + self.routers + blocks.sum(dim=1)
+
+    def routed(self, heads: torch.Tensor, channels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """MACs per image (N,) when block l runs on tokens[:, l] of the tokens (token routing
+        around a DyDiT model made without token routers), heads and channels as in `dynamic`."""
+        blocks = self.attention(heads, tokens) + self.mlp(channels, 1.0, tokens)  # (N, L)
         return self.fixed + self.routers + blocks.sum(dim=1)
 
     def ratio(self, macs: torch.Tensor) -> torch.Tensor:

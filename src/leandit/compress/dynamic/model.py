@@ -78,6 +78,7 @@ class DynamicModel(nn.Module):
         self.num_heads, self.num_groups, self.group_size = first.num_heads, first.num_groups, first.group_size
         self.num_tokens = adapter.spec.num_tokens
         self.last_macs: torch.Tensor | None = None  # (N,) MACs per image of the last forward
+        self.last_widths: tuple[torch.Tensor, torch.Tensor] | None = None
         self.mac_log: list[float] | None = None  # when a list: every forward's MACs are appended
         # Blocks an outer wrapper runs in place of the dynamic blocks (calling them); not a child.
         object.__setattr__(self, "block_overlay", None)
@@ -163,6 +164,7 @@ class DynamicModel(nn.Module):
                 block.plan = None
         kept = [b.kept_tokens for b in blocks]
         tokens = torch.stack(kept, dim=1) if self.settings.tokens else torch.ones_like(heads)  # (N, L)
+        self.last_widths = (heads.detach(), channels.detach())  # (N, L) kept heads and MLP channels
         self.last_macs = self.macs.dynamic(heads, channels, tokens.double())
         if self.mac_log is not None:  # a measurement is counting (leandit bench)
             self.mac_log.append(float(self.last_macs.sum()))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...models.infer import CheckpointError
+from ...models.wrappers import check_wrapper_tensors
 from .model import DynamicModel, DynamicSettings
 
 TABLE_VERSION = 1
@@ -75,17 +76,6 @@ def build_saved(inner: nn.Module, tensors: Mapping[str, torch.Tensor], table: Ma
         raise CheckpointError(f"the folder's DyDiT table is not one this leandit reads ({err}); re-save the model") from None
     model = DynamicModel(inner, settings)
     expected = model.dynamic_blocks.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or wrong:
-        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-                 f"mis-shaped {wrong[:3]}" if wrong else ""]
-        raise CheckpointError(
-            f"the DyDiT router weights do not fit this {model.depth}-block model ({'; '.join(p for p in parts if p)}): "
-            "the router file belongs to another model or is damaged"
-        )
-    if any(not torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
-        raise CheckpointError("the DyDiT router weights hold NaN or inf values: the router file is damaged")
+    check_wrapper_tensors(expected, tensors, "DyDiT router", model.depth)
     model.dynamic_blocks.load_state_dict(dict(tensors), strict=True)
     return model

@@ -104,6 +104,17 @@ class RoutedBlock(nn.Module):
         self.record = False  # keep the kept-token indices of the last forward (for the token maps)
         self.kept: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # [(images, (n, k) token indices)]
 
+    def __getattr__(self, name: str) -> Any:
+        # The backbone's own forward may read its blocks' sub-modules (diffusers' DiT takes
+        # the conditioning from `transformer_blocks[0].norm1.emb`): they are the wrapped block's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("block")
+            if block is None:
+                raise
+            return getattr(block, name)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         x, args, kwargs = _take_tokens(args, kwargs)
         plan = self.plan
@@ -111,23 +122,35 @@ class RoutedBlock(nn.Module):
         if plan is None or not plan.groups:  # no plan: the dense block (e.g. called outside a RoutedModel)
             return self.block(x, *args, **kwargs)
         logits = self.router(x).squeeze(-1)  # (N, T)
-        outputs, order = [], []
-        for group in plan.groups:
-            xs, ls, a, kw = x, logits, args, kwargs
-            if group.images is not None:
-                xs, ls = x.index_select(0, group.images), logits.index_select(0, group.images)
-                a, kw = _select_images(args, kwargs, group.images, x.shape[0])
-                order.append(group.images)
+        if len(plan.groups) == 1 and plan.groups[0].images is None:  # the whole batch in one region
             mixed = None
-            for k, weight in group.capacities:
-                y = self._run(xs, ls, k, a, kw, group.images)
+            for k, weight in plan.groups[0].capacities:
+                y = self._run(x, logits, k, args, kwargs, None)
                 y = y if weight is None else weight.to(y.dtype) * y
                 mixed = y if mixed is None else mixed + y
-            outputs.append(mixed)
-        if len(outputs) == 1 and not order:
-            return outputs[0]
-        out = torch.cat(outputs)  # images in group order
-        return out.index_select(0, torch.cat(order).argsort())  # back to batch order
+            return mixed
+        # Images of several regions: one block call per distinct capacity, on every image
+        # that needs it (regions whose ratios share a bin share the call), each output added
+        # to its images with their region's mixing weight.
+        n = x.shape[0]
+        every = torch.arange(n, device=x.device)
+        runs: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        for group in plan.groups:
+            images = every if group.images is None else group.images
+            for k, weight in group.capacities:
+                runs.setdefault(k, []).append((images, weight))
+        out = None
+        for k, parts in runs.items():
+            images = torch.cat([i for i, _ in parts])
+            a, kw = _select_images(args, kwargs, images, n)
+            with _inner_plan_for(self.block, images):
+                y = self._run(x.index_select(0, images), logits.index_select(0, images), k, a, kw, images)
+            if any(w is not None for _, w in parts):
+                weights = torch.cat([(w.to(y.dtype) if w is not None else y.new_ones(())).expand(len(i)) for i, w in parts])
+                y = weights.view(-1, 1, 1) * y
+            # Every image's outputs sum to its result: added onto zeros, a single one stays exact.
+            out = (torch.zeros_like(x) if out is None else out).index_add(0, images, y.to(x.dtype))
+        return out
 
     def _run(self, x: torch.Tensor, logits: torch.Tensor, k: int, args: tuple, kwargs: dict, images) -> torch.Tensor:
         """The block on the top-k tokens of each image of x (n, T, D); the rest pass through."""
@@ -143,6 +166,7 @@ class RoutedBlock(nn.Module):
         flat = x.reshape(n * t, d)
         kept = flat.index_select(0, rows).reshape(n, -1, d)  # (n, k, D)
         m = self._multiplier(logits.gather(1, index))  # (n, k) or None
+        kwargs = _token_mask_for(kwargs, index, t)
         with self._scaled_mlp(m):
             if self.skipped_kv:
                 y = _dit_block_with_all_keys(self.block, kept, x, *args, **kwargs)
@@ -179,6 +203,33 @@ class RoutedBlock(nn.Module):
             yield
         finally:
             handle.remove()
+
+
+@contextlib.contextmanager
+def _inner_plan_for(block: nn.Module, images: torch.Tensor | None) -> Iterator[None]:
+    """A wrapped block that carries a per-image plan of its own (a DyDiT block) sees the plan of
+    the images it runs on."""
+    plan = getattr(block, "plan", None)
+    if images is None or plan is None or not hasattr(plan, "subset"):
+        yield
+        return
+    block.plan = plan.subset(images)
+    try:
+        yield
+    finally:
+        block.plan = plan
+
+
+def _token_mask_for(kwargs: dict, index: torch.Tensor, tokens: int) -> dict:
+    """A self-attention mask over the image tokens (diffusers' `attention_mask`, an additive
+    (n, 1, T) bias by the time a block sees it) cut to the kept tokens (n, 1, k)."""
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.shape[-1] != tokens:
+        return kwargs
+    if mask.dim() != 3:
+        raise ValueError(f"token routing reads a self-attention mask of shape (batch, 1, tokens); got {tuple(mask.shape)}")
+    kept = mask.expand(index.shape[0], -1, -1).gather(-1, index.unsqueeze(1).expand(-1, mask.shape[1], -1))
+    return {**kwargs, "attention_mask": kept}
 
 
 def _take_tokens(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:

@@ -77,7 +77,10 @@ class RouteJob(RecoveryJob):
         teacher_layers: Sequence[int] | None = None,
         teacher_dtype: torch.dtype | None = None,
         conditioning: Conditioning | None = None,
+        masks: Any = None,
     ):
+        """`masks`: for an inpainting model, the `MaskSpec` its steps draw (as `leandit train
+        --inpaint` does), so routing is fine-tuned on the task the model does."""
         if not isinstance(model, RoutedModel):
             raise TypeError("RouteJob trains a RoutedModel")
         if model.schedule is not None:
@@ -90,6 +93,18 @@ class RouteJob(RecoveryJob):
                 f"choose a target of at most {math.floor((1 - floor) * 100) / 100:g}")
         super().__init__(model, teacher, recovery, teacher_layers, teacher_dtype, conditioning)
         self.training = training
+        self.masks = masks
+        self._inpaint = None
+        if masks is not None:
+            from ...models.inpaint import inpaint_layer
+
+            self._inpaint = inpaint_layer(model)
+            if self._inpaint is None:
+                raise ValueError("inpainting masks were given for a model that is not an inpainting variant")
+            if teacher is not None:
+                raise ValueError("an inpainting model is routed on its own loss (--mix plain): the teacher would not see "
+                                 "the known image")
+        self._context = None
 
     @staticmethod
     def reachable(model: RoutedModel, budget: str) -> float:
@@ -101,7 +116,10 @@ class RouteJob(RecoveryJob):
         return float(model.macs.ratio(model.macs.total(k)))
 
     def method_state(self) -> dict[str, dict[str, Any]]:
-        return {"routing": asdict(self.training), "routing_settings": asdict(self.module.settings)}
+        state = {"routing": asdict(self.training), "routing_settings": asdict(self.module.settings)}
+        if self.masks is not None:
+            state["inpainting"] = {"masks": self.masks.text}
+        return state
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         # Weights first: the loop logs the first group's learning rate.
@@ -118,7 +136,15 @@ class RouteJob(RecoveryJob):
         regions = self.module.settings.regions
         if regions > 1:
             t = stratified_timesteps(random, t, regions, self.objective)
+        if self.masks is not None:  # after everything else the step draws, as the inpainting job does
+            self._context = (x0, self.masks.draw(random.rand(self.masks.UNIFORMS)).to(x0.device))
         return x0, t, noise, y
+
+    def predict(self, module: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        if self._context is None:
+            return super().predict(module, x, t, cond)
+        with self._inpaint.inpainting(*self._context):
+            return super().predict(module, x, t, cond)
 
     def budget(self) -> tuple[torch.Tensor, dict[str, Any]]:
         """The budget loss (unweighted) and what to log."""

@@ -39,12 +39,15 @@ class RoutedMacs:
         _register_cpu_attention()
         dense_total = forward_flops(peel_wrappers(model.inner)[0], 1) // 2
         meta = _meta_copy(model)
-        inner_blocks = block_list(meta.inner)
+        # The blocks' calls are read off the plain backbone (the same arguments reach any
+        # wrapper's blocks; a DyDiT model's own decisions cannot run on meta tensors).
+        plain = peel_wrappers(meta.inner)[0]
+        inner_blocks = block_list(plain)
         calls: dict[int, tuple[tuple, dict]] = {}
         handles = [b.register_forward_pre_hook(lambda m, a, kw, i=i: calls.setdefault(i, (a, kw)) and None, with_kwargs=True)
                    for i, b in enumerate(inner_blocks)]
         try:
-            adapter = backbone(meta.inner)
+            adapter = backbone(plain)
             x, t, cond = adapter.example_inputs(1, "meta")
             with torch.no_grad():
                 adapter.predict(x, t, cond)
@@ -54,17 +57,23 @@ class RoutedMacs:
         T = model.num_tokens
         capacities = sorted({T, -(-T // 2), 1})
         rows, dense_blocks = [], 0
+        measured_before: dict[tuple, tuple[int, list[float]]] = {}  # identical blocks are counted once
         for i, routed in enumerate(block_list(meta)):
             args, kwargs = calls[i]
-            dense_blocks += _macs(lambda: routed.block(*args, **kwargs))
-            measured = []
-            for k in capacities:
-                routed.plan = RoutePlan([RouteGroup(None, [(k, None)])])
-                try:
-                    measured.append(_macs(lambda: routed(*args, **kwargs)))
-                finally:
-                    routed.plan = None
-            rows.append(_quadratic(capacities, measured))
+            key = _signature(routed, args, kwargs)
+            if key not in measured_before:
+                dense = _macs(lambda: routed.block(*args, **kwargs))
+                measured = []
+                for k in capacities:
+                    routed.plan = RoutePlan([RouteGroup(None, [(k, None)])])
+                    try:
+                        measured.append(_macs(lambda: routed(*args, **kwargs)))
+                    finally:
+                        routed.plan = None
+                measured_before[key] = (dense, _quadratic(capacities, measured))
+            dense, row = measured_before[key]
+            dense_blocks += dense
+            rows.append(row)
         return cls(dense_total=dense_total, fixed=float(dense_total - dense_blocks),
                    coefficients=torch.tensor(rows, dtype=torch.float64), num_tokens=T)
 
@@ -81,6 +90,27 @@ class RoutedMacs:
 
     def ratio(self, macs: torch.Tensor) -> torch.Tensor:
         return macs / self.dense_total
+
+
+def _signature(routed: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """What a block's count depends on: its kind, its (and a wrapped block's) parameter shapes,
+    its routing options and the shapes of its inputs."""
+    def shapes(module: nn.Module) -> tuple:
+        return tuple((name, tuple(p.shape)) for name, p in module.named_parameters())
+
+    def described(value) -> object:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype)
+        if isinstance(value, dict):
+            return tuple(sorted((k, described(v)) for k, v in value.items()))
+        if isinstance(value, (tuple, list)):
+            return tuple(described(v) for v in value)
+        return repr(value)
+
+    inner = routed.block
+    deeper = getattr(inner, "block", None)
+    return (type(inner).__name__, shapes(inner), shapes(deeper) if isinstance(deeper, nn.Module) else None,
+            routed.scale, routed.multiplier, routed.skipped_kv, described(args), described(kwargs))
 
 
 def _macs(call) -> int:

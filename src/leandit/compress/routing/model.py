@@ -84,7 +84,11 @@ class RoutedModel(nn.Module):
         # Under the backbone's own name, so block_list(self) and hooks on blocks see what runs.
         setattr(self, self.block_list_name, routed)
         self.ratios = nn.Parameter(torch.ones(len(routed), settings.regions))  # (L, R) kept ratios
-        self.schedule: torch.Tensor | None = None  # (L, R) capacities once frozen
+        # Frozen: the schedule follows the ratios (each at its nearest bin), so a folder's
+        # model and EMA weights each come back with their own; an explicit schedule overrides.
+        self.frozen = False
+        self._explicit_schedule: torch.Tensor | None = None
+        self._cached_schedule: tuple[tuple, torch.Tensor] | None = None
         self.last_macs: torch.Tensor | None = None  # (N,) MACs per image of the last forward
         self.mac_log: list[float] | None = None  # when a list: every forward's MACs are appended
         from .macs import RoutedMacs
@@ -113,16 +117,33 @@ class RoutedModel(nn.Module):
         ratios = self.kept_ratios().detach().cpu().tolist()
         return torch.tensor([[capacity(nearest_bin(r, bins), bins, T) for r in row] for row in ratios], dtype=torch.long)
 
+    @property
+    def schedule(self) -> torch.Tensor | None:
+        """The capacities (L, R) inference runs: an explicit schedule, else (frozen) the ratios'
+        nearest bins, else None (training interpolates; evaluation reads the nearest bins)."""
+        if self._explicit_schedule is not None:
+            return self._explicit_schedule
+        if not self.frozen:
+            return None
+        key = (self.ratios._version, self.ratios.data_ptr())
+        if self._cached_schedule is None or self._cached_schedule[0] != key:
+            self._cached_schedule = (key, self.hard_schedule())
+        return self._cached_schedule[1]
+
     def freeze(self) -> torch.Tensor:
-        """Fix the schedule at the nearest bins: from here on every block runs once per forward."""
-        self.set_schedule(self.hard_schedule())
+        """Fix the capacities at the ratios' nearest bins: from here on every block runs once per forward."""
+        self.frozen = True
         return self.schedule
 
     def set_schedule(self, schedule: torch.Tensor | list | None) -> None:
-        """A capacity schedule (L, R) (None: back to the learned ratios)."""
+        """An explicit capacity schedule (L, R); None: back to the learned ratios, unfrozen."""
         if schedule is None:
-            self.schedule = None
+            self._explicit_schedule, self.frozen = None, False
             return
+        self._explicit_schedule = self.check_schedule(schedule)
+
+    def check_schedule(self, schedule: torch.Tensor | list) -> torch.Tensor:
+        """`schedule` as capacities (L, R), or a one-line refusal of one that does not fit."""
         k = torch.as_tensor(schedule, dtype=torch.long).cpu()
         L, R, T = self.depth, self.settings.regions, self.num_tokens
         if k.dim() != 2 or k.shape != (L, R):
@@ -130,7 +151,7 @@ class RoutedModel(nn.Module):
                              f"{tuple(k.shape)} (a schedule of another model, or for a deeper one)")
         if bool((k < 1).any()) or bool((k > T).any()):
             raise ValueError(f"routing capacities must be between 1 and the {T} tokens of this model; got {k.min()}..{k.max()}")
-        self.schedule = k
+        return k
 
     def mac_ratio_per_region(self, schedule: torch.Tensor | None = None) -> torch.Tensor:
         """MACs of a schedule (default: the current one, else the nearest bins) / dense, per region (R,)."""
@@ -152,7 +173,7 @@ class RoutedModel(nn.Module):
     # -- running -----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         t = kwargs["timestep"] if "timestep" in kwargs else args[1]  # diffusers' call or (x, t, y)
-        plans, macs = self._plans(t)
+        plans, macs, tokens = self._plans(t)
         blocks = self.routed_blocks
         for block, plan in zip(blocks, plans):
             block.plan = plan
@@ -162,13 +183,19 @@ class RoutedModel(nn.Module):
         finally:
             for block in blocks:
                 block.plan = None
+        widths = getattr(self.inner, "last_widths", None)
+        if widths is not None:  # around a DyDiT model: its widths at the tokens each block ran on
+            heads, channels = widths
+            routers = self.depth * self.routed_blocks[0].hidden_size * self.num_tokens
+            macs = self.inner.macs.routed(heads, channels, tokens.to(heads.device)).cpu() + routers
         self.last_macs = macs
         if self.mac_log is not None:  # a measurement is counting (leandit bench)
             self.mac_log.append(float(macs.sum()))
         return out
 
-    def _plans(self, t: torch.Tensor) -> tuple[list[RoutePlan], torch.Tensor]:
-        """Each block's plan and the MACs (N,) per image it implies."""
+    def _plans(self, t: torch.Tensor) -> tuple[list[RoutePlan], torch.Tensor, torch.Tensor]:
+        """Each block's plan, the MACs (N,) per image it implies and the tokens (N, L) each
+        image runs each block on (in training: the interpolation's mean of the two capacities)."""
         R, bins, T = self.settings.regions, self.settings.bins, self.num_tokens
         regions = regions_of(t.reshape(-1), R, self.objective)
         on_host = regions.cpu()  # one host transfer per forward
@@ -178,7 +205,7 @@ class RoutedModel(nn.Module):
         if self.training and self.schedule is None:
             r = self.kept_ratios()
             values = r.detach().cpu().tolist()
-            plans, per_region = [], torch.zeros(R, dtype=torch.float64)
+            plans, macs, tokens = [], torch.zeros(R, dtype=torch.float64), torch.zeros(self.depth, R, dtype=torch.float64)
             for layer in range(self.depth):
                 groups = []
                 for g in present:
@@ -190,14 +217,13 @@ class RoutedModel(nn.Module):
                     else:
                         groups.append(RouteGroup(images[g], [(k_lo, 1 - w), (k_hi, w)]))
                     wv = float(w.detach())
-                    per_region[g] += (1 - wv) * self._block_macs(layer, k_lo) + wv * self._block_macs(layer, k_hi)
+                    macs[g] += (1 - wv) * self._block_macs(layer, k_lo) + wv * self._block_macs(layer, k_hi)
+                    tokens[layer, g] = (1 - wv) * k_lo + wv * k_hi
                 plans.append(RoutePlan(groups))
-            macs = (self.macs.fixed + per_region)[on_host]
-            return plans, macs
+            return plans, (self.macs.fixed + macs)[on_host], tokens[:, on_host].T
         k = self.schedule if self.schedule is not None else self.hard_schedule()  # (L, R)
         plans = [RoutePlan([RouteGroup(images[g], [(int(k[layer, g]), None)]) for g in present]) for layer in range(self.depth)]
-        macs = self.macs.total(k)[on_host]  # (N,)
-        return plans, macs
+        return plans, self.macs.total(k)[on_host], k[:, on_host].T.double()
 
     def _block_macs(self, layer: int, k: int) -> float:
         c0, c1, c2 = self.macs.coefficients[layer].tolist()
@@ -256,6 +282,8 @@ class RoutedModel(nn.Module):
             "method": "DiffCR",
             "settings": {k: getattr(self.settings, k) for k in ("regions", "bins", "scale", "multiplier", "skipped_kv")},
             "frozen": self.schedule is not None,
+            # Around a DyDiT model the MACs here are token routing's alone, at full width.
+            "around": "DyDiT" if hasattr(self.inner, "last_widths") else None,
             "tokens": self.num_tokens,
             "schedule": table["schedule"],
             "mean_kept_per_layer": [round(v, 2) for v in schedule.mean(1).tolist()],

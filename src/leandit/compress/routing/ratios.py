@@ -38,8 +38,9 @@ def interpolation_weight(ratio: torch.Tensor, lower: int, bins: int) -> torch.Te
 
 
 def nearest_bin(ratio: float, bins: int) -> int:
-    """The bin a trained ratio freezes to: the nearest one (halves go up: fewer skipped tokens)."""
-    return min(max(int(math.floor(ratio * bins + 0.5 + 1e-9)), 1), bins)
+    """The bin a trained ratio freezes to: the nearest one (halves go up: fewer skipped tokens;
+    1e-5 so that a float32 ratio such as 0.45 = 0.449999988 counts as a half)."""
+    return min(max(int(math.floor(ratio * bins + 0.5 + 1e-5)), 1), bins)
 
 
 def clamp_ratios(ratios: torch.Tensor, bins: int) -> torch.Tensor:

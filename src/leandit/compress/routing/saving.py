@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...models.infer import CheckpointError
+from ...models.wrappers import check_wrapper_tensors
 from .model import RoutedModel, RoutingSettings
 
 TABLE_VERSION = 1
@@ -26,6 +27,9 @@ def saved_state(model: RoutedModel) -> tuple[dict[str, torch.Tensor], dict[str, 
         "settings": asdict(model.settings),
         "tokens": model.num_tokens,
         "schedule": table["schedule"],
+        # False: the schedule is the ratios' nearest bins (re-derived from whichever weights
+        # load: model or EMA); True: one set with set_schedule, kept as it is.
+        "explicit_schedule": model._explicit_schedule is not None,
         "macs_ratio_per_region": table["macs_ratio_per_region"],
     }
 
@@ -40,22 +44,16 @@ def build_saved(inner: nn.Module, tensors: Mapping[str, torch.Tensor], table: Ma
     model = RoutedModel(inner, settings)
     expected = {f"blocks.{k}": v for k, v in model.routed_blocks.state_dict().items()}
     expected["ratios"] = model.ratios
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or wrong:
-        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-                 f"mis-shaped {wrong[:3]}" if wrong else ""]
-        raise CheckpointError(
-            f"the routing weights do not fit this {model.depth}-block model ({'; '.join(p for p in parts if p)}): "
-            "the router file belongs to another model or is damaged")
-    if any(not torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
-        raise CheckpointError("the routing weights hold NaN or inf values: the router file is damaged")
+    check_wrapper_tensors(expected, tensors, "routing", model.depth)
     model.routed_blocks.load_state_dict({k.removeprefix("blocks."): v for k, v in tensors.items() if k != "ratios"}, strict=True)
     with torch.no_grad():
         model.ratios.copy_(tensors["ratios"])
     try:
-        model.set_schedule(schedule)
+        checked = model.check_schedule(schedule)
     except ValueError as err:
         raise CheckpointError(f"the folder's routing schedule does not fit the model: {err}") from None
+    if table.get("explicit_schedule"):
+        model.set_schedule(checked)
+    else:
+        model.freeze()
     return model
