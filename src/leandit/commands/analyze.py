@@ -7,6 +7,10 @@ numbers as CSV.
 `analyze widths`: what a dynamic (DyDiT) model runs: active heads and MLP groups per block
 over the timesteps and the measured share of tokens through each MLP (DyDiT Figures 5-6).
 
+`analyze ratios`: what a routed (DiffCR) model runs: the learned kept ratio and capacity k of
+every block in every timestep region with the MAC ratio per region, and which tokens the blocks
+ran on for a few generated samples (DiffCR's figures).
+
 `analyze activations`: every block's output distribution with its max, min and std
 (TinyFusion Figure 8) and the share of activations each outlier threshold k would drop, to
 choose k for masked RepKD.
@@ -50,13 +54,16 @@ ACTIVATIONS_PLOT = "activations.png"
 ACTIVATIONS_TABLE = "activations.csv"
 WIDTHS_PLOT = "widths.png"
 WIDTHS_TABLE = "widths.csv"
+RATIOS_PLOT = "ratios.png"
+RATIOS_TABLE = "ratios.csv"
+TOKEN_MAPS_PLOT = "token_maps.png"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("analyze", help="analyses that guide compression (calibration losses of random masks, massive activations)")
     inner = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True,
                              help="calibration: loss histogram of random masks; activations: block output histograms; "
-                             "widths: what a DyDiT model runs over the timesteps")
+                             "widths: what a DyDiT model runs over the timesteps; ratios: what a routed (DiffCR) model runs")
     c = inner.add_parser(
         "calibration",
         help="calibration loss of K random masks, with baselines and pruned models marked",
@@ -111,6 +118,28 @@ def add_parser(sub) -> None:
     w.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     add_model_options(w)
     w.set_defaults(run=run_widths)
+
+    r = inner.add_parser(
+        "ratios",
+        help="learned kept ratio per block and timestep region, and maps of the tokens each block ran on, of a routed model",
+        description=f"Write {RATIOS_PLOT}: the share of the tokens every block runs on in every timestep region (its "
+        "capacity k from the schedule and the learned ratio) and the MAC ratio of each region against the dense model; "
+        f"{RATIOS_TABLE}: one row per block with its learned ratio and k per region; summary.json: the MAC ratios; "
+        f"{TOKEN_MAPS_PLOT}: a few samples generated with the model's sampler (no guidance) beside heat maps over the patch "
+        "grid of how many blocks ran on each token, at the sampling step nearest the middle of each region and on average "
+        "over all steps. Prints the table.",
+    )
+    r.add_argument("model", help="a routed model folder (from `leandit route`)")
+    r.add_argument("--out", type=Path, required=True, help=f"folder for {RATIOS_PLOT}, {RATIOS_TABLE}, {TOKEN_MAPS_PLOT} and summary.json")
+    r.add_argument("--samples", type=int, default=4, help="samples of the token maps, class-balanced (default 4; 0: no token maps)")
+    r.add_argument("--sampler", default=None, help="sampler of the token maps (default: the model's, ddim or heun)")
+    r.add_argument("--sampling-steps", type=int, default=None, help="sampling steps of the token maps (default 50; 250 for ddpm)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the samples' noise (default 0)")
+    r.add_argument("--vae", type=Path, default=None, help="a latent model's VAE (a local diffusers AutoencoderKL folder) to show "
+                   "the samples; without one the maps come alone")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_model_options(r)
+    r.set_defaults(run=run_ratios)
 
 
 def _marked_folders(specs: list[str], depth: int) -> dict[str, list[int]]:
@@ -271,4 +300,64 @@ def run_widths(args: argparse.Namespace) -> int:
         share = f"{np.nanmean(tokens[layer]) * 100:>17.1f}%" if tokens is not None else f"{'all':>18}"
         print(f"{layer:>5} {profile.heads[layer].mean():>12.2f} {profile.groups[layer].mean():>13.2f} {share}")
     log(f"wrote {args.out / WIDTHS_PLOT} and {args.out / WIDTHS_TABLE}")
+    return 0
+
+
+def run_ratios(args: argparse.Namespace) -> int:
+    from ..backbones import backbone as adapter_of
+    from ..evaluate.plots import plot_ratios, plot_token_maps
+    from ..evaluate.ratios import ratio_profile, region_centres, token_maps
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file: pass a folder")
+    if args.samples < 0:
+        raise ValueError(f"--samples must be 0 or more, got {args.samples}")
+    if args.sampling_steps is not None and args.sampling_steps < 1:
+        raise ValueError(f"--sampling-steps must be at least 1, got {args.sampling_steps}")
+    model = open_model(args.model, args)
+    profile = ratio_profile(model)  # refuses a model that does not route tokens, before any work
+    spec = adapter_of(model).spec
+    vae = None
+    if args.samples:
+        from ..evaluate.sampling import check_sampling_options
+
+        sampler = check_sampling_options(spec, args.sampler, 1.0)
+        steps = args.sampling_steps if args.sampling_steps is not None else (250 if sampler == "ddpm" else 50)
+        if spec.conditioning.kind != "class":
+            raise ValueError(f"token maps sample class-conditional models only (this one is {spec.conditioning.describe()}); "
+                             "pass --samples 0 for the ratio plot alone")
+        if args.vae is not None:
+            if spec.space != "latent":
+                raise ValueError(f"--vae applies to latent-space models; this model is in {spec.space} space")
+            from ..data.vae import load_vae
+
+            vae = load_vae(args.vae, resolve_device(args.device))
+    model.to(resolve_device(args.device))
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_csv(args.out / RATIOS_TABLE, profile.header(), profile.rows())
+    summary = {"model": str(args.model), **profile.summary()}
+    path = Path(str(args.model).rstrip("/"))
+    name = f"{path.parent.name}/{path.name}" if path.name == "model" and path.parent.name else path.name
+    plot_ratios(profile, args.out / RATIOS_PLOT,
+                title=f"{name}: tokens per block and timestep region, {summary['macs_ratio']:.1%} of the dense MACs")
+    written = [RATIOS_PLOT, RATIOS_TABLE]
+    if args.samples:
+        maps = token_maps(model, args.samples, seed=args.seed, steps=steps, sampler=sampler, vae=vae)
+        centres = region_centres(profile)
+        chosen = maps.nearest_steps(centres)
+        labels = [f"t = {maps.timesteps[s]:.3g} ({region})" for s, region in zip(chosen, profile.region_labels())]
+        plot_token_maps(maps, chosen, args.out / TOKEN_MAPS_PLOT, step_labels=labels,
+                        title=f"{name}: blocks (of {maps.depth}) that ran on each token, {sampler} {steps} steps")
+        summary["token_maps"] = {"samples": args.samples, "sampler": sampler, "steps": steps, "seed": args.seed,
+                                 "shown_timesteps": [float(maps.timesteps[s]) for s in chosen],
+                                 "mean_blocks_per_token": round(float(maps.counts.mean()), 3)}
+        written.append(TOKEN_MAPS_PLOT)
+    write_text_atomically(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    regions = profile.region_labels()
+    print(f"{'block':>5} " + " ".join(f"{label:>14}" for label in regions))
+    for layer in range(profile.depth):
+        print(f"{layer:>5} " + " ".join(f"{f'k={profile.schedule[layer, g]} ({profile.ratios[layer, g]:.2f})':>14}"
+                                        for g in range(profile.regions)))
+    print(f"{'MACs':>5} " + " ".join(f"{v * 100:>13.1f}%" for v in profile.macs_ratio_per_region))
+    log(f"wrote {', '.join(str(args.out / f) for f in written)} and summary.json")
     return 0

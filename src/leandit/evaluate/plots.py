@@ -210,3 +210,88 @@ def plot_widths(profile, out: str | Path, title: str | None = None) -> Path:
     fig.suptitle(title or "DyDiT: what each block runs over the timesteps", fontsize=10)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def plot_ratios(profile, out: str | Path, title: str | None = None) -> Path:
+    """What a routed (DiffCR) model runs: the share of the tokens each block runs on in each
+    timestep region (a heat map, each cell with its capacity k and the learned ratio), and the
+    MAC ratio of each region against the dense model."""
+    plt = _pyplot()
+    depth, regions = profile.schedule.shape
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(4.0 + 1.3 * regions + 3.6, 0.32 * depth + 2.2), dpi=110,
+                                   gridspec_kw={"width_ratios": [1.0 + 0.55 * regions, 2.2]})
+    share = profile.kept_share
+    image = ax.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
+    small = depth <= 32 and regions <= 8
+    if small:
+        for layer in range(depth):
+            for g in range(regions):
+                ax.text(g, layer, f"k={profile.schedule[layer, g]} ({profile.ratios[layer, g]:.2f})", ha="center", va="center",
+                        fontsize=7, color="white" if share[layer, g] < 0.6 else "black")
+    labels = profile.region_labels()
+    ax.set_xticks(range(regions))
+    ax.set_xticklabels(labels, fontsize=8, rotation=0 if regions <= 4 else 45)
+    ax.set_xlabel("timestep region" + (" (0 = clean image)" if profile.objective != "flow" else " (1 = clean image)"))
+    ax.set_ylabel("block")
+    ax.set_yticks(range(depth))
+    ax.tick_params(axis="y", labelsize=7 if depth > 16 else 8)
+    ax.set_title(f"tokens each block runs on (k of {profile.tokens}; learned ratio)" if small else
+                 f"share of the {profile.tokens} tokens each block runs on", fontsize=9)
+    fig.colorbar(image, ax=ax, label="k / tokens", fraction=0.05, pad=0.02)
+    macs = np.asarray(profile.macs_ratio_per_region) * 100
+    bars.bar(range(regions), macs, color="tab:blue")
+    for g, v in enumerate(macs):
+        bars.text(g, v + 1.5, f"{v:.1f}%", ha="center", fontsize=8)
+    bars.axhline(macs.mean(), color="tab:red", linestyle="--", linewidth=1, label=f"mean {macs.mean():.1f}%")
+    bars.set_xticks(range(regions))
+    bars.set_xticklabels(labels, fontsize=8, rotation=0 if regions <= 4 else 45)
+    bars.set_ylim(0, 110)
+    bars.set_ylabel("MACs per step (% of the dense model)")
+    bars.set_title("MAC ratio per timestep region", fontsize=9)
+    bars.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title or "DiffCR: learned kept ratios per block and timestep region", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_token_maps(maps, steps: Sequence[int], out: str | Path, step_labels: Sequence[str] | None = None,
+                    title: str | None = None) -> Path:
+    """Which tokens a routed model ran on while sampling: per sample (a row) the generated image
+    and, at each of `steps` (indices of the sampling steps) and on average over all steps, how
+    many blocks ran on each token, as a heat map over the patch grid."""
+    plt = _pyplot()
+    n = maps.counts.shape[1]
+    has_images = maps.images is not None
+    columns = int(has_images) + len(steps) + 1
+    fig, axes = plt.subplots(n, columns, figsize=(1.9 * columns + 0.9, 1.9 * n + 0.9), dpi=110, squeeze=False)
+    labels = list(step_labels) if step_labels is not None else [f"t = {maps.timesteps[s]:g}" for s in steps]
+    rows, cols = maps.grid
+    annotate = rows * cols <= 64
+    image = None
+    for i in range(n):
+        panels = [(maps.at(s)[i], labels[j]) for j, s in enumerate(steps)] + [(maps.mean()[i], "mean over all steps")]
+        offset = 0
+        if has_images:
+            picture = maps.images[i]
+            ax = axes[i, 0]
+            ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray" if picture.shape[-1] == 1 else None,
+                      vmin=0, vmax=255, interpolation="nearest")
+            ax.set_title(f"sample (class {maps.labels[i]})" if i == 0 else f"class {maps.labels[i]}", fontsize=8)
+            offset = 1
+        for j, (values, label) in enumerate(panels):
+            ax = axes[i, offset + j]
+            image = ax.imshow(values, cmap="viridis", vmin=0, vmax=maps.depth, interpolation="nearest")
+            if annotate:
+                for r in range(rows):
+                    for c in range(cols):
+                        v = values[r, c]
+                        ax.text(c, r, f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}", ha="center", va="center",
+                                fontsize=6, color="white" if v < 0.6 * maps.depth else "black")
+            if i == 0:
+                ax.set_title(label, fontsize=8)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.colorbar(image, ax=axes.ravel().tolist(), label=f"blocks that ran on the token (of {maps.depth})", fraction=0.03, pad=0.02)
+    fig.suptitle(title or "DiffCR: which tokens the blocks ran on while sampling", fontsize=10)
+    return _save(fig, out)
