@@ -252,7 +252,8 @@ class RoutedModel(nn.Module):
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
-        """Within: every block keeps the token indices it ran on in the last forward (`kept`)."""
+        """Within: every block keeps the token indices it ran on in the last forward (`kept`,
+        still readable after the context, until the next forward)."""
         for block in self.routed_blocks:
             block.record = True
         try:
