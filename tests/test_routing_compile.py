@@ -3,10 +3,11 @@ capacity k, a Python int, per block), the backbone's forward through the `Routed
 top-k, sort, gather, the block on k tokens, scatter, the block-list swap) traces as one graph with
 no breaks, static shapes, and one graph per timestep region (the region's k are constants of it).
 
-What still breaks a whole `RoutedModel.forward` today is the plan itself (`_plans`): finding each
-image's region from the t tensor on the host (`regions.cpu().tolist()`) and reading the schedule
-tensor's k with `int(...)` (`Tensor.item`). The second test pins that every break is there and
-none inside the blocks. Dynamo only (a counting backend, no inductor): graph breaks are dynamo's.
+A whole `RoutedModel.forward` breaks only where the plan finds each image's region from the t
+tensor on the host (`regions.cpu().tolist()` in `_plans`); with the region known
+(`routed.at_region(g)`, a sampler that knows its t) the whole forward is one graph with no break.
+The third test pins that every break of a plain forward is in `_plans`, none inside the blocks.
+Dynamo only (a counting backend, no inductor): graph breaks are dynamo's.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def test_a_steps_forward_at_a_known_region_is_one_graph_without_breaks():
         with torch.inference_mode():
             for t, graphs in [(700, 1), (700, 1), (100, 2), (100, 2), (600, 2)]:
                 x, tt, y = inputs(t)
-                plans, _ = routed._plans(tt)  # eager: the host decides the region
+                plans = routed._plans(tt)[0]  # eager: the host decides the region
                 for block, plan in zip(routed.routed_blocks, plans):
                     block.plan = plan
                 try:
@@ -78,6 +79,27 @@ def test_a_steps_forward_at_a_known_region_is_one_graph_without_breaks():
         assert any("index_copy" in s for s in targets), targets
     finally:
         dynamo.reset()
+
+
+def test_a_whole_forward_at_a_known_region_compiles_as_one_graph_per_region():
+    routed = routed_tiny()
+    backend = CountingBackend()
+    dynamo.reset()
+    compiled = torch.compile(routed, backend=backend, fullgraph=True)  # fullgraph: any break raises
+    try:
+        with torch.inference_mode():
+            for t, region, graphs in [(700, 1, 1), (900, 1, 1), (100, 0, 2), (300, 0, 2)]:
+                x, tt, y = inputs(t)
+                with routed.at_region(region):
+                    out = compiled(x, tt, y)
+                torch.testing.assert_close(out, routed(x, tt, y), rtol=0, atol=0)  # the eager forward finds the region itself
+                assert len(backend.graphs) == graphs, f"t={t}: one graph per region, none recompiled within one"
+                assert routed.last_macs.shape == (3,)
+    finally:
+        dynamo.reset()
+    with pytest.raises(ValueError, match="outside 0..1"):
+        with routed.at_region(2):
+            pass
 
 
 def test_a_whole_forwards_graph_breaks_are_all_in_the_plan_not_in_the_blocks():

@@ -89,6 +89,8 @@ class RoutedModel(nn.Module):
         self.frozen = False
         self._explicit_schedule: torch.Tensor | None = None
         self._cached_schedule: tuple[tuple, torch.Tensor] | None = None
+        self._static: tuple | None = None  # (schedule, its rows, plans per region, MACs per region)
+        self._region: tuple | None = None  # set by at_region: (region, schedule, its plans, its MACs)
         self.last_macs: torch.Tensor | None = None  # (N,) MACs per image of the last forward
         self.mac_log: list[float] | None = None  # when a list: every forward's MACs are appended
         from .macs import RoutedMacs
@@ -197,6 +199,10 @@ class RoutedModel(nn.Module):
         """Each block's plan, the MACs (N,) per image it implies and the tokens (N, L) each
         image runs each block on (in training: the interpolation's mean of the two capacities)."""
         R, bins, T = self.settings.regions, self.settings.bins, self.num_tokens
+        if self._region is not None:
+            g, k, region_plans, region_macs = self._region
+            n = t.reshape(-1).shape[0]
+            return region_plans[g], region_macs[g].expand(n), k[:, g].expand(n, -1).double()
         regions = regions_of(t.reshape(-1), R, self.objective)
         on_host = regions.cpu()  # one host transfer per forward
         present = sorted(set(on_host.tolist()))
@@ -222,8 +228,40 @@ class RoutedModel(nn.Module):
                 plans.append(RoutePlan(groups))
             return plans, (self.macs.fixed + macs)[on_host], tokens[:, on_host].T
         k = self.schedule if self.schedule is not None else self.hard_schedule()  # (L, R)
-        plans = [RoutePlan([RouteGroup(images[g], [(int(k[layer, g]), None)]) for g in present]) for layer in range(self.depth)]
-        return plans, self.macs.total(k)[on_host], k[:, on_host].T.double()
+        rows, region_plans, region_macs = self._static_plans(k)
+        if len(present) == 1:  # a sampling batch: plans made once per schedule, reused
+            g = present[0]
+            return region_plans[g], region_macs[g].expand(len(on_host)), k[:, on_host].T.double()
+        plans = [RoutePlan([RouteGroup(images[g], [(rows[layer][g], None)]) for g in present]) for layer in range(self.depth)]
+        return plans, region_macs[on_host], k[:, on_host].T.double()
+
+    def _static_plans(self, k: torch.Tensor) -> tuple[list[list[int]], list[list[RoutePlan]], torch.Tensor]:
+        """For schedule k (L, R): its rows as Python ints, each region's plans (the same objects
+        every forward, so a compiled model's guards hold) and each region's MACs (R,)."""
+        if self._static is None or self._static[0] is not k:
+            rows = k.tolist()
+            plans = [[RoutePlan([RouteGroup(None, [(rows[layer][g], None)])]) for layer in range(self.depth)]
+                     for g in range(self.settings.regions)]
+            self._static = (k, rows, plans, self.macs.total(k))
+        return self._static[1:]
+
+    @contextlib.contextmanager
+    def at_region(self, region: int) -> Iterator["RoutedModel"]:
+        """Within: every image of every forward is in timestep region `region` (a sampler that
+        knows its t), so a scheduled forward needs no host sync and `torch.compile` traces it
+        whole, one graph per region: `with routed.at_region(g): compiled(x, t, y)`."""
+        if not 0 <= region < self.settings.regions:
+            raise ValueError(f"region {region} is outside 0..{self.settings.regions - 1}")
+        if self.training and self.schedule is None:
+            raise ValueError("at_region runs a schedule: freeze the model (or evaluate it) first")
+        # Everything the forward reads is made here, eagerly: the compiled forward only reads it.
+        k = self.schedule if self.schedule is not None else self.hard_schedule()
+        _, plans, macs = self._static_plans(k)
+        previous, self._region = self._region, (region, k, plans, macs)
+        try:
+            yield self
+        finally:
+            self._region = previous
 
     def _block_macs(self, layer: int, k: int) -> float:
         c0, c1, c2 = self.macs.coefficients[layer].tolist()
