@@ -42,8 +42,8 @@ CFG_SCALE = 1.0
 class DemoSettings:
     """How much work each stage does; the defaults fit in 10 minutes on a 2-core CPU."""
 
-    prune_steps: int = 600
-    recover_steps: int = 300
+    prune_steps: int = 800
+    recover_steps: int = 250
     dynamic_steps: int = 250
     dynamic_target: float = 0.5
     route_steps: int = 120
