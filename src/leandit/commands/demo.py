@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
         help="run the end-to-end demo on the embedded digits teacher and write report.md",
         description="Run the whole story on the embedded digits teacher: prune 12 -> 6 blocks with learnable 1:2 "
         "(TinyFusion), ShortGPT and the oracle, recover each with masked KD, make the teacher dynamic at the same half "
-        "of its MACs (DyDiT), sample every model, measure digits-FID and class agreement (before and after recovery for "
+        "of its MACs (DyDiT) and route its tokens at half its MACs (DiffCR), sample every model, measure digits-FID and class agreement (before and after recovery for "
         "the pruned ones) and the speed-up side by side over whole sampling runs, and write report.md with one table "
         "and the sample grids. About 9 minutes on a 2-core CPU; finished stages are reused on a rerun.",
     )
