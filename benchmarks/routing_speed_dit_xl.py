@@ -37,9 +37,7 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -54,17 +52,10 @@ from leandit.compress.routing.ratios import capacity, nearest_bin
 HERE = Path(__file__).resolve().parent
 REGIONS, BINS = 4, 10
 
+import sys  # noqa: E402
 
-def make_backbone(name: str = "DiT-XL/2", seed: int = 0) -> nn.Module:
-    """Random-weight fp32 backbone with small random adaLN output layers (see the docstring)."""
-    torch.manual_seed(seed)
-    model = leandit.build_model(name).eval().requires_grad_(False)
-    with torch.no_grad():
-        for block in model.blocks:
-            nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
-        nn.init.normal_(model.final_layer.adaLN_modulation[-1].weight, std=0.02)
-        nn.init.normal_(model.final_layer.linear.weight, std=0.02)
-    return model
+sys.path.insert(0, str(HERE))
+from dydit_speed_dit_xl import machine, make_backbone  # noqa: E402  the same model and machine line as DyDiT's table
 
 
 def learned_like_schedule(routed: RoutedModel, target: float = 0.5) -> torch.Tensor:
@@ -177,17 +168,6 @@ def timed_rounds(models, batch: int, steps: int, rounds: int, device: torch.devi
 
 DENSE_MACS = [0.0]  # MACs per image of one dense forward (set in main)
 COMPILE_NOTES: list[str] = []
-
-
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                name = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{name} ({platform.machine()}), {os.cpu_count()} cores"
 
 
 def load() -> str:
