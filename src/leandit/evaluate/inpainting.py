@@ -149,13 +149,16 @@ def masked_view(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
 def save_inpainting_grid(path: Path, originals: np.ndarray, masks: np.ndarray, completions: np.ndarray,
                          columns: int | None = None) -> Path:
     """Rows of three: the masked inputs (unknown pixels (masks (N, H, W) = 1) red), their
-    completions, the originals."""
+    completions, the originals; a white row between one group of three and the next, so that a
+    reader sees which rows belong together."""
     n = len(completions)
     columns = columns or min(n, 10)
     rgb = lambda a: np.repeat(a, 3, axis=3) if a.shape[3] == 1 else a  # noqa: E731
     rows = []
     for start in range(0, n, columns):
         part = slice(start, min(start + columns, n))
+        if rows:
+            rows.append(np.full((columns, *rgb(originals[:1]).shape[1:]), 255, dtype=np.uint8))
         for block in (masked_view(originals[part], masks[part]), rgb(completions[part]), rgb(originals[part])):
             pad = np.full((columns - len(block), *block.shape[1:]), 255, dtype=np.uint8)
             rows.append(np.concatenate([block, pad]))
