@@ -346,8 +346,15 @@ def test_routing_an_inpainting_model_fine_tunes_it_on_inpainting_masks():
     x0 = torch.randn(4, *backbone(model).spec.input_shape)
     batch = (x0, torch.arange(4) % 10)
     routed.train()
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args: seen.append(m._context) and None)
     loss, _ = job.compute_loss(routed, batch, StepRandom(0, 0, 4, 0, 1, "cpu"))
+    handle.remove()
     loss.backward()
+    # Every forward of the step saw the batch's images as known, with the left half unknown.
+    left = torch.zeros(1, 1, 8, 8)
+    left[..., :4] = 1
+    assert seen and all(c is not None and torch.equal(c[0], x0) and torch.equal(c[1], left.expand(4, -1, -1, -1)) for c in seen)
     assert model.known_embedder.weight.grad is not None and model.known_embedder.weight.grad.abs().sum() > 0
     assert job.state_dict()["inpainting"] == {"masks": "left"}
     with pytest.raises(ValueError, match="own loss"):

@@ -959,8 +959,8 @@ def test_a_dydit_model_without_token_routers_routes_as_loaded():
     """A DyDiT model made with --no-tokens, with widths that differ over t, in evaluation mode
     as load_model hands it out: routed at ratio 1 it is the DyDiT model; with a schedule of
     2 regions each block runs its k, and each region's images give what they give alone
-    (each with its own DyDiT width plan). (At e5309f2 building it raised NotImplementedError
-    from the MAC measurement on a meta copy; fixed in 1cc2255.)"""
+    (each with its own DyDiT width plan). Building it counts MACs on the plain backbone's block
+    calls: a DyDiT model's own decisions cannot run on meta tensors."""
     from test_dynamic import TDW, mixed_model
 
     dydit = mixed_model(TDW, depth=2).eval()
