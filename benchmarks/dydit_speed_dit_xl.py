@@ -284,6 +284,32 @@ def flop_check(models, batch: int = 2, t: int = 666) -> list[str]:
     return lines
 
 
+def result_table(results: list, kept_tokens: bool = False) -> list[str]:
+    """The markdown table of interleaved timings: one group of rows per measurement, every
+    speed-up over the dense model of its group (a compiled row over the compiled dense one)."""
+    med = statistics.median
+    extra = " kept tokens |" if kept_tokens else ""
+    lines = ["| threads | batch | model | MACs / image / step (G) | ideal (MAC ratio) | latency / step, wall (s) | speed-up, wall | "
+             "of ideal, wall | CPU time / step (s) | speed-up, CPU time | of ideal, CPU time |" + extra,
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if kept_tokens else "")]
+    groups: dict[tuple[str, int, int], list] = {}
+    for phase, threads, batch, label, entry in results:  # one group per measurement (plan item)
+        groups.setdefault((phase, threads, batch), []).append((label, entry))
+    for (_, threads, batch), entries in groups.items():
+        by_label = dict(entries)
+        for label, e in entries:
+            dense = by_label["dense, compiled"] if label.endswith(", compiled") else by_label["dense"]
+            ideal = med(dense["macs"]) / med(e["macs"])
+            wall = med(dense["wall"]) / med(e["wall"])
+            cpu = med(dense["cpu"]) / med(e["cpu"])
+            spread = f" ± {(max(e['wall']) - min(e['wall'])) / 2:.2f}" if len(e["wall"]) > 1 else ""
+            lines.append(
+                f"| {threads} | {batch} | {label} | {med(e['macs']) / 1e9:.2f} | {ideal:.3f}x | {med(e['wall']):.2f}{spread} | "
+                f"**{wall:.3f}x** | **{wall / ideal:.2f}** | {med(e['cpu']):.2f} | {cpu:.3f}x | {cpu / ideal:.2f} |"
+                + (f" {100 * med(e['kept']):.1f} % |" if kept_tokens else ""))
+    return lines
+
+
 def machine() -> str:
     name = platform.processor() or platform.machine()
     try:
@@ -378,7 +404,6 @@ def compiled_rounds(args, models, started, results, flops_lines, table_runs) -> 
 
 
 def write_report(args, results, flops_lines, table_runs, minutes: float, show: bool = False) -> None:
-    med = statistics.median
     lines = [
         f"# DyDiT on {args.model}: wall-clock speed-up of a fixed half-MAC width/token table over the dense model",
         "",
@@ -392,25 +417,7 @@ def write_report(args, results, flops_lines, table_runs, minutes: float, show: b
         "to this session: CPU only.",
         "",
     ]
-    lines += ["## Results", "",
-              "| threads | batch | model | MACs / image / step (G) | ideal (MAC ratio) | latency / step, wall (s) | speed-up, wall | "
-              "of ideal, wall | CPU time / step (s) | speed-up, CPU time | of ideal, CPU time | kept tokens |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple[str, int, int], list] = {}
-    for phase, threads, batch, label, entry in results:  # one group per measurement (plan item)
-        groups.setdefault((phase, threads, batch), []).append((label, entry))
-    for (_, threads, batch), entries in groups.items():
-        by_label = dict(entries)
-        for label, e in entries:
-            dense = by_label["dense, compiled"] if label.endswith(", compiled") else by_label["dense"]
-            ideal = med(dense["macs"]) / med(e["macs"])
-            wall = med(dense["wall"]) / med(e["wall"])
-            cpu = med(dense["cpu"]) / med(e["cpu"])
-            spread = f" ± {(max(e['wall']) - min(e['wall'])) / 2:.2f}" if len(e["wall"]) > 1 else ""
-            lines.append(
-                f"| {threads} | {batch} | {label} | {med(e['macs']) / 1e9:.2f} | {ideal:.3f}x | {med(e['wall']):.2f}{spread} | "
-                f"**{wall:.3f}x** | **{wall / ideal:.2f}** | {med(e['cpu']):.2f} | {cpu:.3f}x | {cpu / ideal:.2f} | "
-                f"{100 * med(e['kept']):.1f} % |")
+    lines += ["## Results", "", *result_table(results, kept_tokens=True)]
     lines += ["", "Speed-ups of a compiled row are over the compiled dense model (of an eager row, over the eager one).", ""]
     lines += [f"torch.compile: {note}." for note in COMPILE_NOTES] + ([""] if COMPILE_NOTES else [])
     lines += ["## The table that ran", "",

@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -55,7 +54,7 @@ REGIONS, BINS = 4, 10
 import sys  # noqa: E402
 
 sys.path.insert(0, str(HERE))
-from dydit_speed_dit_xl import machine, make_backbone  # noqa: E402  the same model and machine line as DyDiT's table
+from dydit_speed_dit_xl import machine, make_backbone, result_table  # noqa: E402  the same model and machine line as DyDiT's table
 
 
 def learned_like_schedule(routed: RoutedModel, target: float = 0.5) -> torch.Tensor:
@@ -259,7 +258,6 @@ def compiled_rounds(args, models, device, results, schedule, loads, started) -> 
 
 
 def write_report(args, results, schedule, models, loads, minutes: float, show: bool = False) -> None:
-    med = statistics.median
     learned = models[2][1]
     per_region = learned.mac_ratio_per_region(schedule).tolist()
     command = (f"nice -n 5 python benchmarks/routing_speed_dit_xl.py --steps {args.steps} --plan {args.plan}"
@@ -275,24 +273,8 @@ def write_report(args, results, schedule, models, loads, minutes: float, show: b
         f"(`torch.set_num_threads`). Load: " + "; ".join(loads) + ".",
         "",
         "## Results", "",
-        "| threads | batch | model | MACs / image / step (G) | ideal (MAC ratio) | latency / step, wall (s) | speed-up, wall | "
-        "of ideal, wall | CPU time / step (s) | speed-up, CPU time | of ideal, CPU time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *result_table(results),
     ]
-    groups: dict[tuple[str, int, int], list] = {}
-    for phase, threads, batch, label, entry in results:
-        groups.setdefault((phase, threads, batch), []).append((label, entry))
-    for (_, threads, batch), entries in groups.items():
-        by_label = dict(entries)
-        for label, e in entries:
-            dense = by_label["dense, compiled"] if label.endswith(", compiled") else by_label["dense"]
-            ideal = med(dense["macs"]) / med(e["macs"])
-            wall = med(dense["wall"]) / med(e["wall"])
-            cpu = med(dense["cpu"]) / med(e["cpu"])
-            spread = f" ± {(max(e['wall']) - min(e['wall'])) / 2:.2f}" if len(e["wall"]) > 1 else ""
-            lines.append(
-                f"| {threads} | {batch} | {label} | {med(e['macs']) / 1e9:.2f} | {ideal:.3f}x | {med(e['wall']):.2f}{spread} | "
-                f"**{wall:.3f}x** | **{wall / ideal:.2f}** | {med(e['cpu']):.2f} | {cpu:.3f}x | {cpu / ideal:.2f} |")
     lines += ["", "Speed-ups of a compiled row are over the compiled dense model (of an eager row, over the eager one).", ""]
     lines += [f"torch.compile: {note}." for note in COMPILE_NOTES] + ([""] if COMPILE_NOTES else [])
     rows = schedule.tolist()
