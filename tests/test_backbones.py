@@ -134,8 +134,8 @@ def test_bad_folders_are_one_line_errors(tmp_path):
         leandit.load_model(tmp_path / "vae")
     folder = leandit.save_model(tiny_model(), tmp_path / "dit")
     meta = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**meta, "model_type": "mar"}))
-    with pytest.raises(CheckpointError, match="unknown model_type 'mar'"):
+    (folder / "config.json").write_text(json.dumps({**meta, "model_type": "unet"}))
+    with pytest.raises(CheckpointError, match="unknown model_type 'unet'"):
         leandit.load_model(folder)
     tiny_diffusers_dit().save_pretrained(tmp_path / "half")
     (tmp_path / "half" / "diffusion_pytorch_model.safetensors").unlink()

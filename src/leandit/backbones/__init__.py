@@ -30,9 +30,10 @@ from .conditioning import (
 )
 from .diffusers import LAYOUTS, DiffusersBackbone, leandit_info
 from .dit import DiTBackbone
+from .mar import MARBackbone
 
 # Consulted in order; the folder's model_type names the adapter that reads it.
-ADAPTERS: tuple[type[Backbone], ...] = (DiTBackbone, DiffusersBackbone)
+ADAPTERS: tuple[type[Backbone], ...] = (DiTBackbone, DiffusersBackbone, MARBackbone)
 ADAPTERS_BY_TYPE: dict[str, type[Backbone]] = {a.model_type: a for a in ADAPTERS}
 
 
@@ -75,7 +76,7 @@ def backbone(model: nn.Module) -> Backbone:
     inner = _peel(outer)
     adapter = find_adapter(inner)
     if adapter is None:
-        known = ["leandit DiT/SiT", *(f"diffusers {name}" for name in LAYOUTS)]
+        known = ["leandit DiT/SiT", "leandit MAR", *(f"diffusers {name}" for name in LAYOUTS)]
         raise ValueError(f"{type(inner).__name__} is not a backbone leandit can adapt; supported: {', '.join(known)}")
     return adapter(inner, outer)
 
@@ -93,6 +94,7 @@ __all__ = [
     "Conditioning",
     "DiTBackbone",
     "DiffusersBackbone",
+    "MARBackbone",
     "TextEmbeddings",
     "backbone",
     "cond_batch_size",

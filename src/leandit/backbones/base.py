@@ -27,7 +27,7 @@ from torch import nn
 
 from .conditioning import Cond, Conditioning
 
-OBJECTIVES = ("diffusion", "flow")
+OBJECTIVES = ("diffusion", "flow", "masked")
 SPACES = ("latent", "pixel")
 
 
@@ -43,13 +43,16 @@ class BackboneSpec:
         in_channels, out_channels, input_size: the input (C, H, W) with H = W = input_size,
             and the prediction's channels (2 x in_channels with a learned variance).
         objective: "diffusion" (epsilon prediction, DiT's 1000 linear-beta steps, learned
-            sigma when out = 2 x in) or "flow" (SiT's linear interpolant: velocity, continuous
-            t in [0, 1], t = 1 at the data).
+            sigma when out = 2 x in), "flow" (SiT's linear interpolant: velocity, continuous
+            t in [0, 1], t = 1 at the data) or "masked" (MAR: masked tokens, each denoised by a
+            head; `leandit.diffusion.masked`).
         space: "latent" (SD-VAE latents scaled by 0.18215) or "pixel" (images in [-1, 1]).
         guided_channels: prediction channels that guidance acts on (None = all in_channels).
         condition_dropout: the label (caption) dropout it was trained with, the default of
             training jobs on it.
         conditioning: what the model is conditioned on (class labels, text, nothing).
+        objective_config: for objectives with settings of their own (MAR's mask ratio and
+            head schedule), the model config that holds them.
     """
 
     family: str
@@ -66,6 +69,7 @@ class BackboneSpec:
     guided_channels: int | None
     condition_dropout: float
     conditioning: Conditioning = field(compare=False)
+    objective_config: Any = field(default=None, compare=False)
 
     @property
     def learn_sigma(self) -> bool:
@@ -84,7 +88,7 @@ class BackboneSpec:
         return self.guided_channels or self.in_channels
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if k != "conditioning"}
+        data = {k: v for k, v in asdict(self).items() if k not in ("conditioning", "objective_config")}
         return {**data, "learn_sigma": self.learn_sigma, "conditioning": self.conditioning.to_dict()}
 
 

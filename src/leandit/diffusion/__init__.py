@@ -12,10 +12,11 @@ from typing import Union
 from typing import Any
 
 from .flow import LinearFlow
-from .gaussian import GaussianDiffusion, linear_betas, space_timesteps
+from .gaussian import GaussianDiffusion, cosine_betas, linear_betas, space_timesteps
+from .masked import MaskedDiffusion
 from .noise import PerSampleNoise, StepRandom, mix_seed
 
-Objective = Union[GaussianDiffusion, LinearFlow]
+Objective = Union[GaussianDiffusion, LinearFlow, MaskedDiffusion]
 
 
 def make_objective(spec: Any) -> Objective:
@@ -25,15 +26,20 @@ def make_objective(spec: Any) -> Objective:
         return LinearFlow()
     if spec.objective == "diffusion":
         return GaussianDiffusion.dit(learn_sigma=spec.learn_sigma)
-    raise ValueError(f"unknown objective {spec.objective!r}: leandit trains and samples 'diffusion' (DiT) and 'flow' (SiT)")
+    if spec.objective == "masked":  # MAR: its config holds the objective's settings
+        return MaskedDiffusion.for_config(spec.objective_config)
+    raise ValueError(f"unknown objective {spec.objective!r}: leandit trains and samples 'diffusion' (DiT), 'flow' (SiT) "
+                     "and 'masked' (MAR)")
 
 
 __all__ = [
     "GaussianDiffusion",
     "LinearFlow",
+    "MaskedDiffusion",
     "Objective",
     "PerSampleNoise",
     "StepRandom",
+    "cosine_betas",
     "linear_betas",
     "make_objective",
     "mix_seed",

@@ -31,6 +31,20 @@ def linear_betas(num_timesteps: int = 1000) -> np.ndarray:
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
+def cosine_betas(num_timesteps: int = 1000, max_beta: float = 0.999) -> np.ndarray:
+    """The cosine schedule (Nichol & Dhariwal 2021) that MAR's diffusion head uses:
+    alpha_bar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2 and beta_i = 1 - alpha_bar((i + 1) / T) /
+    alpha_bar(i / T), capped at `max_beta`."""
+
+    def alpha_bar(s: float) -> float:
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array(
+        [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta) for i in range(num_timesteps)],
+        dtype=np.float64,
+    )
+
+
 def space_timesteps(num_timesteps: int, spec: int | str) -> list[int]:
     """Which of the original timesteps a respaced process keeps.
 
@@ -169,6 +183,11 @@ class GaussianDiffusion:
     @classmethod
     def dit(cls, num_timesteps: int = 1000, learn_sigma: bool = True) -> "GaussianDiffusion":
         return cls(linear_betas(num_timesteps), learn_sigma=learn_sigma)
+
+    @classmethod
+    def cosine(cls, num_timesteps: int = 1000, learn_sigma: bool = True) -> "GaussianDiffusion":
+        """MAR's head: the cosine schedule, learned variance."""
+        return cls(cosine_betas(num_timesteps), learn_sigma=learn_sigma)
 
     def respaced(self, spec: int | str) -> "GaussianDiffusion":
         """The same process on a subset of the timesteps (for fewer sampling steps)."""
@@ -311,6 +330,7 @@ class GaussianDiffusion:
         steps: int | str | None = None,
         eta: float = 0.0,
         clip_denoised: bool = False,
+        temperature: float = 1.0,
         progress: bool = False,
     ) -> torch.Tensor:
         """Run the reverse process from x_T = noise() to x_0.
@@ -322,6 +342,8 @@ class GaussianDiffusion:
             steps: respace to this many steps (or a respacing spec); default: all.
             clip_denoised: clamp the predicted x0 to [-1, 1] (pixel-space models); DDIM then
                 uses the epsilon implied by the clamped x0.
+            temperature: multiplies the noise of every DDPM step (not the starting noise), as
+                MAR's head samples; 1 is plain DDPM.
         """
         if sampler not in self.samplers:
             raise ValueError(f"unknown diffusion sampler {sampler!r}; choose one of {self.samplers}")
@@ -332,15 +354,16 @@ class GaussianDiffusion:
             with torch.no_grad():
                 out = model_fn(x, process.model_timesteps(t))
             if sampler == "ddpm":
-                x = process.ddpm_step(out, x, t, noise, clip_denoised)
+                x = process.ddpm_step(out, x, t, noise, clip_denoised, temperature)
             else:
                 x = process.ddim_step(out, x, t, noise, eta, clip_denoised)
         return x
 
-    def ddpm_step(self, out, xt, t, noise: NoiseFn, clip_denoised: bool) -> torch.Tensor:
+    def ddpm_step(self, out, xt, t, noise: NoiseFn, clip_denoised: bool, temperature: float = 1.0) -> torch.Tensor:
         p = self.p_mean_variance(out, xt, t, clip_denoised)
         not_last = (t != 0).float().reshape(-1, *([1] * (xt.dim() - 1)))
-        return p.mean + not_last * torch.exp(0.5 * p.log_variance) * noise()
+        step_noise = noise() if temperature == 1.0 else noise() * temperature
+        return p.mean + not_last * torch.exp(0.5 * p.log_variance) * step_noise
 
     def ddim_step(self, out, xt, t, noise: NoiseFn, eta: float, clip_denoised: bool) -> torch.Tensor:
         p = self.p_mean_variance(out, xt, t, clip_denoised)

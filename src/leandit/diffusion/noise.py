@@ -75,6 +75,11 @@ class StepRandom:
         """(local batch, *shape) uniform in [0, 1)."""
         return self._slice(torch.rand(self.global_batch, *shape, generator=self.generator, device=self.device))
 
+    def shared_rand(self) -> torch.Tensor:
+        """One uniform value in [0, 1), the same on every process: a choice made once per
+        global batch (MAR's mask ratio)."""
+        return torch.rand(1, generator=self.generator, device=self.device)[0]
+
     def randint(self, low: int, high: int, *shape: int) -> torch.Tensor:
         """(local batch, *shape) integers in [low, high)."""
         return self._slice(

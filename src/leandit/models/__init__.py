@@ -1,9 +1,11 @@
-"""Backbones (DiT; SiT is the same network), their named configs, and the one load/save path."""
+"""Backbones (DiT, SiT = the same network, and MAR), their named configs, and the one load/save path."""
 
 from .config import NAMED_CONFIGS, DiTConfig, named_config
 from .dit import DiT, DiTBlock
 from .infer import CheckpointError, infer_dit_config
 from .guidance import classifier_free_guidance
+from .mar import MAR
+from .mar_config import MAR_SIZES, MARConfig, named_mar_config
 
 _IO = ("build_model", "load_model", "model_from_state_dict", "save_model")
 
@@ -24,11 +26,15 @@ __all__ = [
     "DiT",
     "DiTBlock",
     "DiTConfig",
+    "MAR",
+    "MARConfig",
+    "MAR_SIZES",
     "build_model",
     "infer_dit_config",
     "classifier_free_guidance",
     "load_model",
     "model_from_state_dict",
     "named_config",
+    "named_mar_config",
     "save_model",
 ]

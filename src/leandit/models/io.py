@@ -39,6 +39,8 @@ from ..backbones import ADAPTERS_BY_TYPE, LAYOUTS, backbone, find_adapter
 from ..backbones.diffusers import DIFFUSERS_WEIGHTS, LEANDIT_META
 from .config import NAMED_CONFIGS, DiTConfig, named_config
 from .dit import DiT
+from .mar import MAR
+from .mar_config import MAR_SIZES, MARConfig, named_mar_config
 from .infer import CheckpointError, check_keys, infer_dit_config
 from .wrappers import apply_wrappers, peel_wrappers, write_wrappers
 
@@ -50,20 +52,24 @@ EMA_FILE = "ema.safetensors"
 COMPRESSION_FILE = "compression.json"
 
 
-def build_model(name: str | DiTConfig, **overrides: Any) -> DiT:
-    """A model with fresh random weights: a named size ("DiT-XL/2", "SiT-S/4", ...), a named
-    size with overrides in its name ("DiT-XL/2:depth=14,num_classes=10") or a config, with
-    fields overridden (`build_model("DiT-XL/2", depth=14)`)."""
+def build_model(name: str | DiTConfig | MARConfig, **overrides: Any) -> nn.Module:
+    """A model with fresh random weights: a named size ("DiT-XL/2", "SiT-S/4", "MAR-L", ...),
+    a named size with overrides in its name ("DiT-XL/2:depth=14,num_classes=10") or a config,
+    with fields overridden (`build_model("DiT-XL/2", depth=14)`)."""
     if isinstance(name, DiTConfig):
         return DiT(name.replace(**overrides))
+    if isinstance(name, MARConfig):
+        return MAR(name.replace(**overrides))
     base, named_overrides = parse_named_size(name)
+    if base in MAR_SIZES:
+        return MAR(named_mar_config(base, **{**named_overrides, **overrides}))
     return DiT(named_config(base, **{**named_overrides, **overrides}))
 
 
 def parse_named_size(spec: str) -> tuple[str, dict[str, Any]]:
     """("DiT-XL/2", {"depth": 14}) for "DiT-XL/2:depth=14"; (spec, {}) for anything else."""
     name, _, rest = str(spec).partition(":")
-    if name not in NAMED_CONFIGS:
+    if name not in NAMED_CONFIGS and name not in MAR_SIZES:
         return str(spec), {}
     overrides: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
@@ -78,7 +84,8 @@ def parse_named_size(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def is_named_size(spec: str) -> bool:
-    return parse_named_size(spec)[0] in NAMED_CONFIGS
+    name = parse_named_size(spec)[0]
+    return name in NAMED_CONFIGS or name in MAR_SIZES
 
 
 def load_model(

@@ -41,8 +41,11 @@ def draw_inputs(
     """(x0, t, noise, conditioning after label dropout) of a training step, from the step's
     randomness: every job that trains on the denoising objective draws them this way."""
     x0, cond = batch  # (N, C, H, W), labels (N,) or text {"text": (N, L, D), "text_mask": (N, L)}
-    t = objective.sample_timesteps(x0.shape[0], random)  # (N,)
-    noise = random.randn(*x0.shape[1:])  # (N, C, H, W)
+    if hasattr(objective, "draw"):  # MAR's: a mask and head rows (a MaskedDraw), the rows' noise
+        t, noise = objective.draw(x0, random)
+    else:
+        t = objective.sample_timesteps(x0.shape[0], random)  # (N,)
+        noise = random.randn(*x0.shape[1:])  # (N, C, H, W)
     return x0, t, noise, drop_conditions(cond, class_dropout, conditioning, random)
 
 

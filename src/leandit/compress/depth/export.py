@@ -11,7 +11,7 @@ from torch import nn
 
 from ... import __version__
 from ...backbones import backbone
-from ...models.blocks import block_list_name, keep_blocks
+from ...models.blocks import depth_of, kept_by_list, keep_blocks
 from ...models.io import save_model
 from .decision import PruningDecision
 
@@ -32,16 +32,19 @@ def pruned_model(
         weights_label: what `weights` are, for the record ("original", "lora-merged", ...).
         source_name: where the source came from, for the record (default: its `source`).
     """
-    depth = len(getattr(source, block_list_name(source)))
+    depth = depth_of(source)
     if decision.depth != depth:
         raise ValueError(f"the decision is for {decision.depth} blocks but the model has {depth}")
+    per_list = kept_by_list(source, decision.kept)
     pruned = keep_blocks(source, decision.kept)
     if weights is not None:
-        pruned.load_state_dict(_kept_weights(weights, decision.kept, block_list_name(source)), strict=True)
+        pruned.load_state_dict(_kept_weights(weights, per_list), strict=True)
     notes = backbone(source).pruning_notes(list(decision.kept))
     record: dict[str, Any] = {
         "source": source_name or getattr(source, "source", None),
         **decision.record(),
+        # Which list each kept block came from, by its index within that list (several lists).
+        **({"kept_by_list": per_list} if len(per_list) > 1 else {}),
         **({"notes": notes} if notes else {}),
         "weights": weights_label,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -65,15 +68,16 @@ def export_pruned(
     return save_model(model, folder)
 
 
-def _kept_weights(weights: Mapping[str, torch.Tensor], kept: list[int], prefix: str) -> dict[str, torch.Tensor]:
-    """Rename blocks.{kept[i]}.* to blocks.{i}.*; drop the removed blocks."""
-    new_index = {old: new for new, old in enumerate(kept)}
+def _kept_weights(weights: Mapping[str, torch.Tensor], per_list: Mapping[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Rename {list}.{kept[i]}.* to {list}.{i}.* in every block list; drop the removed blocks."""
+    new_index = {name: {old: new for new, old in enumerate(kept)} for name, kept in per_list.items()}
     out = {}
     for key, value in weights.items():
-        if key.startswith(prefix + "."):
-            index, rest = key[len(prefix) + 1 :].split(".", 1)
-            if int(index) not in new_index:
+        name, _, rest = key.partition(".")
+        if name in new_index and rest:
+            index, tail = rest.split(".", 1)
+            if int(index) not in new_index[name]:
                 continue
-            key = f"{prefix}.{new_index[int(index)]}.{rest}"
+            key = f"{name}.{new_index[name][int(index)]}.{tail}"
         out[key] = value
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...models.blocks import block_list_name
+from ...models.blocks import block_list_names
 
 ADAPTER = "default"
 
@@ -21,8 +21,6 @@ def lora_targets(backbone: nn.Module) -> list[str]:
     the blocks and get no LoRA)."""
     from ...backbones import find_adapter
 
-    prefix = block_list_name(backbone)
-    blocks = getattr(backbone, prefix)
     adapter = find_adapter(backbone)
     shared = adapter(backbone).block_shared_modules if adapter is not None else ()
 
@@ -30,7 +28,8 @@ def lora_targets(backbone: nn.Module) -> list[str]:
         inner = name.split(".", 1)[1] if "." in name else ""  # without the block index
         return any(inner == s or inner.startswith(s + ".") for s in shared)
 
-    return [f"{prefix}.{name}" for name, module in blocks.named_modules()
+    return [f"{prefix}.{name}" for prefix in block_list_names(backbone)
+            for name, module in getattr(backbone, prefix).named_modules()
             if isinstance(module, nn.Linear) and not is_shared(name)]
 
 
