@@ -218,6 +218,27 @@ class MaskedDiffusion:
         return MaskedTokens(tokens, mask, index, noisy), steps, noise
 
     # -- generation --------------------------------------------------------------------------
+    def sample_head(self, model: Any, z: torch.Tensor, noise: Callable[[], torch.Tensor], *,
+                    unconditional: torch.Tensor | None = None, cfg_scale: float = 1.0, temperature: float = 1.0,
+                    process: GaussianDiffusion | None = None) -> torch.Tensor:
+        """Tokens (M, C) sampled by the head for conditions z (M, D_dec); with guidance (the
+        unconditional branch's conditions (M, D_dec) given) epsilon is u + w (c - u) and the
+        variance values are the conditional rows' (as MAR). `noise()` gives fresh (M, C) noise:
+        the start and every DDPM step's (times `temperature`)."""
+        process = process or self.head.respaced(self.head_sampling_steps)
+        c = self.channels * self.patch_size**2
+        both = torch.cat([z, unconditional]) if unconditional is not None else None
+
+        def head_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if both is None:
+                return model.head(x, t, z)
+            out = model.head(torch.cat([x, x]), torch.cat([t, t]), both)  # (2M, 2C)
+            cond, uncond = out.chunk(2)
+            eps = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
+            return torch.cat([eps, cond[:, c:]], dim=1)
+
+        return process.sample(head_fn, noise, sampler="ddpm", temperature=temperature)
+
     @torch.no_grad()
     def generate(self, model: Any, labels: torch.Tensor, noise, *, num_iter: int = 64, cfg_scale: float = 1.0,
                  cfg_schedule: str = "linear", temperature: float = 1.0, null_label: int | None = None,
@@ -258,17 +279,10 @@ class MaskedDiffusion:
             rows = torch.cat([index, index]) if guided else index
             z = z.gather(1, rows.unsqueeze(-1).expand(*rows.shape, z.shape[-1])).reshape(-1, z.shape[-1])  # (N' k, Dd)
             scale = guidance_at(cfg_scale, cfg_schedule, seq_len, after)
-
-            def head_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                if not guided:
-                    return model.head(x, t, z)
-                out = model.head(torch.cat([x, x]), torch.cat([t, t]), z)  # (2 N k, 2C)
-                cond, uncond = out.chunk(2)
-                eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
-                return torch.cat([eps, cond[:, c:]], dim=1)  # the conditional rows' variance, as MAR
-
-            sampled = head.sample(head_fn, lambda: noise.randn((k, c)).reshape(n * k, c).to(device=device, dtype=dtype),
-                                  sampler="ddpm", temperature=temperature)  # (N k, C)
+            step_noise = lambda: noise.randn((k, c)).reshape(n * k, c).to(device=device, dtype=dtype)  # noqa: E731
+            z_cond, z_uncond = z.chunk(2) if guided else (z, None)
+            sampled = self.sample_head(model, z_cond, step_noise, unconditional=z_uncond, cfg_scale=scale,
+                                       temperature=temperature, process=head)  # (N k, C)
             tokens = tokens.scatter(1, index.unsqueeze(-1).expand(n, k, c), sampled.reshape(n, k, c).to(dtype))
             unknown = left
         return unpatchify(tokens.float(), self.patch_size, self.channels)
