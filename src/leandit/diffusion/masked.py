@@ -279,7 +279,11 @@ class MaskedDiffusion:
             rows = torch.cat([index, index]) if guided else index
             z = z.gather(1, rows.unsqueeze(-1).expand(*rows.shape, z.shape[-1])).reshape(-1, z.shape[-1])  # (N' k, Dd)
             scale = guidance_at(cfg_scale, cfg_schedule, seq_len, after)
-            step_noise = lambda: noise.randn((k, c)).reshape(n * k, c).to(device=device, dtype=dtype)  # noqa: E731
+            # Each image's noise for the whole head run in one draw from its own stream (the start
+            # and one per DDPM step): per-call draws would be 100 small calls per image and step.
+            draws = noise.randn((head.num_timesteps + 1, k, c)).to(device=device, dtype=dtype)  # (N, S + 1, k, C)
+            calls = iter(range(head.num_timesteps + 1))
+            step_noise = lambda: draws[:, next(calls)].reshape(n * k, c)  # noqa: E731
             z_cond, z_uncond = z.chunk(2) if guided else (z, None)
             sampled = self.sample_head(model, z_cond, step_noise, unconditional=z_uncond, cfg_scale=scale,
                                        temperature=temperature, process=head)  # (N k, C)
