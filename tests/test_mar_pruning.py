@@ -228,6 +228,8 @@ def test_schemes_that_cross_the_encoder_decoder_boundary_are_named():
     for text in ("1:4", "2:4", "1:1,1:3"):
         with pytest.raises(ValueError, match="may keep none of the decoder_blocks"):
             check_scheme_lists(tiny, parse_scheme(text, 4))
+    with pytest.raises(ValueError, match="may keep none of the decoder_blocks"):
+        LearnablePruningJob(tiny, LearnableSettings(scheme="2:4", recoverability="frozen"))
     for text in ("1:2", "3:4", "1:3,1:1", "1:1,2:3"):
         check_scheme_lists(tiny, parse_scheme(text, 4))
 
@@ -337,6 +339,14 @@ def test_kd_and_repkd_are_zero_when_the_student_is_the_teacher_and_both_see_the_
     job.teacher.register_forward_pre_hook(lambda m, args: calls.append(("teacher64", args)))
     _, logs = job.compute_loss(job.module, _recovery_batch(), StepRandom(0, 0, 4, 0, 1, "cpu"))
     assert calls[-1][1][0].noisy.dtype == torch.float64 and float(logs["kd"]) < 1e-8
+    # A bf16 teacher (as on GPUs): the same KD up to bf16 rounding, for a pruned student.
+    pruned = pruned_model(teacher, explicit([1, 2], 4, parse_scheme("1:2", 4)))
+    kd = {}
+    for dtype in (None, torch.bfloat16):
+        job = RecoveryJob(copy.deepcopy(pruned), copy.deepcopy(teacher), RecoverySettings(), [1, 3], teacher_dtype=dtype)
+        job.setup(torch.device("cpu"))
+        kd[dtype] = float(job.compute_loss(job.module, _recovery_batch(), StepRandom(0, 0, 4, 0, 1, "cpu"))[1]["kd"])
+    assert kd[None] > 0.01 and kd[torch.bfloat16] == pytest.approx(kd[None], rel=0.05)
 
 
 def test_repkd_alignment_picks_the_teacher_blocks_each_student_block_stands_for():
@@ -383,7 +393,8 @@ def _main(*argv: str) -> None:
 
 def test_learnable_prune_then_finetune_on_mar_from_the_cli(source, tmp_path, capsys):
     out = tmp_path / "prune"
-    _main("prune", str(source), "--method", "learnable", "--scheme", "1:3,1:1", "--steps", "3", *LOOP, "--out", str(out))
+    _main("prune", str(source), "--method", "learnable", "--scheme", "1:3,1:1", "--steps", "3", *LOOP, "--out", str(out),
+          "--merge-delta")
     err = capsys.readouterr().err
     assert "warning: scheme 1:3,1:1: group 1:3 over blocks 0-2 spans encoder_blocks and decoder_blocks" in err
     pruned = leandit.load_model(out / "model")
@@ -393,6 +404,14 @@ def test_learnable_prune_then_finetune_on_mar_from_the_cli(source, tmp_path, cap
     assert record["kept_by_list"] == {"encoder_blocks": [i for i in kept if i < 2], "decoder_blocks": [i - 2 for i in kept if i >= 2]}
     assert pruned.config.encoder_depth + pruned.config.decoder_depth == 2 and pruned.config.decoder_depth >= 1
     assert (out / "decision.json").exists() and (out / "decisions.png").exists()
+    # --merge-delta: each kept block is its source block plus the learned LoRA delta.
+    assert record["weights"] == "lora-merged"
+    original = leandit.load_model(source).state_dict()
+    for name, indices in record["kept_by_list"].items():
+        for new_index, old_index in enumerate(indices):
+            merged = pruned.state_dict()[f"{name}.{new_index}.mlp.fc1.weight"]
+            assert 0 < (merged - original[f"{name}.{old_index}.mlp.fc1.weight"]).abs().max() < 0.1, (name, old_index)
+            assert torch.equal(pruned.state_dict()[f"{name}.{new_index}.norm1.weight"], original[f"{name}.{old_index}.norm1.weight"])
 
     tuned = tmp_path / "finetune"
     _main("finetune", str(out / "model"), "--teacher", str(source), "--mix", "masked-kd", "--steps", "2", *LOOP, "--out", str(tuned))
