@@ -1,5 +1,5 @@
 """DDP on 2 CPU processes (gloo): train, resume, learnable pruning, fine-tuning, DyDiT fine-tuning,
-token routing (DiffCR) and sampling on two processes give what one process gives, the gradients are averaged (not summed) over the
+token routing (DiffCR), sampling, and MAR's learnable pruning and recovery on two processes give what one process gives, the gradients are averaged (not summed) over the
 processes, and the NaN guard decides alike on every rank.
 
 Every two-process run happens in ONE torchrun launch (tests/two_process_checks.py, started
@@ -25,7 +25,7 @@ from leandit.evaluate.sampling import generate, make_labels, to_uint8_images
 
 from conftest import ROOT, randomize_, tiny_model
 from test_dynamic import mixed_model
-from two_process_checks import first_step_gradients, routed_source
+from two_process_checks import first_step_gradients, routed_source, tiny_mar
 
 pytestmark = pytest.mark.slow  # one torchrun launch of two processes: about a minute on 2 cores
 
@@ -73,6 +73,16 @@ def route_args(inputs: Path, out: Path) -> list[str]:
             "--router-lr", "1e-2", *LOOP]
 
 
+def mar_prune_args(inputs: Path, out: Path) -> list[str]:
+    return ["prune", str(inputs / "mar-source"), *LEARN, "--out", str(out)]
+
+
+def mar_finetune_args(inputs: Path, out: Path) -> list[str]:
+    # masked KD: the head's KD and RepKD on encoder and decoder states, each aligned in its list.
+    return ["finetune", str(inputs / "mar-student"), "--teacher", str(inputs / "mar-source"), "--steps", "3", "--out", str(out),
+            "--lr", "1e-3", *LOOP]
+
+
 def sample_args(inputs: Path, out: Path) -> list[str]:
     return ["sample", str(inputs / "sampler"), *SAMPLE, "--out", str(out)]
 
@@ -88,6 +98,9 @@ def runs(tmp_path_factory):
     leandit.save_model(randomize_(tiny_model(depth=2), std=0.1), inputs / "sampler")
     leandit.save_model(mixed_model(depth=2), inputs / "dynamic-source")
     leandit.save_model(routed_source(), inputs / "route-source")
+    leandit.save_model(tiny_mar(), inputs / "mar-source")
+    mar = leandit.load_model(inputs / "mar-source")
+    export_pruned(mar, explicit([1, 2], 4, parse_scheme("1:2", 4)), inputs / "mar-student", source_name="mar-source")
     plan = {
         "commands": [
             train_args(two / "train"),
@@ -98,6 +111,8 @@ def runs(tmp_path_factory):
             dynamic_args(inputs, two / "dynamic"),
             route_args(inputs, two / "route"),
             sample_args(inputs, two / "sample"),
+            mar_prune_args(inputs, two / "mar-prune"),
+            mar_finetune_args(inputs, two / "mar-finetune"),
         ],
         "jobs": str(two / "jobs"),
     }
@@ -250,3 +265,42 @@ def test_two_processes_write_the_same_file_as_one_and_as_direct_generation(runs,
     direct = to_uint8_images(generate(model, labels, sampler="ddim", steps=4, seed=0, batch_size=10, progress=False), "pixel")
     assert np.array_equal(one["arr_0"], direct) and np.array_equal(one["arr_1"], labels.numpy())
     assert (tmp_path / "one" / "grid.png").exists()
+
+
+def test_mar_learnable_pruning_on_two_processes_matches_one(runs, tmp_path):
+    """3 steps of learnable 1:2 pruning (gates + LoRA on encoder and decoder blocks) of a MAR: one
+    mask ratio per global batch, each process its half of the images, head rows and gate noise."""
+    inputs, two_runs = runs
+    _main(mar_prune_args(inputs, tmp_path / "one"))
+    one = load_file(str(tmp_path / "one" / "checkpoints" / "step-0000003" / "model.safetensors"))
+    two = load_file(str(two_runs / "mar-prune" / "checkpoints" / "step-0000003" / "model.safetensors"))
+    assert one.keys() == two.keys() and any(k.startswith("backbone.decoder_blocks.") and "lora_B" in k for k in one)
+    assert (one["gates.logits"] - 0.02).abs().max() > 1e-5  # the logits trained
+    lora_b = [k for k in one if "lora_B" in k]
+    assert max(one[k].abs().max().item() for k in lora_b) > 1e-4  # so did the adapters
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    first = [json.loads((folder / "metrics.jsonl").read_text().splitlines()[0]) for folder in (tmp_path / "one", two_runs / "mar-prune")]
+    assert first[0]["loss"] == pytest.approx(first[1]["loss"], rel=1e-5)
+    records = [json.loads((folder / "model" / "compression.json").read_text())[-1] for folder in (tmp_path / "one", two_runs / "mar-prune")]
+    assert records[0]["kept_by_list"] == records[1]["kept_by_list"]
+
+
+def test_mar_recovery_on_two_processes_matches_one(runs, tmp_path):
+    inputs, two_runs = runs
+    _main(mar_finetune_args(inputs, tmp_path / "one"))
+    one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    two = load_file(str(two_runs / "mar-finetune" / "model" / "model.safetensors"))
+    start = load_file(str(inputs / "mar-student" / "model.safetensors"))
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4  # it trained
+    for k in one:
+        a, b = one[k], two[k]
+        if k.endswith("attn.qkv.bias"):  # the key bias: rounding noise scaled up by Adam (see the DyDiT check)
+            a, b = torch.cat(a.chunk(3)[::2]), torch.cat(b.chunk(3)[::2])
+        assert (a - b).abs().max() < 1e-4, k  # Adam amplifies summation order
+    history = json.loads((two_runs / "mar-finetune" / "model" / "compression.json").read_text())
+    assert history[-1]["teacher_layers"] == [1, 3]  # encoder 1 -> its own end, decoder 0 -> the pair's end
+    for line in range(3):
+        first = [json.loads((folder / "metrics.jsonl").read_text().splitlines()[line])
+                 for folder in (tmp_path / "one", two_runs / "mar-finetune")]
+        for key in ("loss", "kd", "kd_kl", "diffusion", "repkd", "repkd_dropped"):
+            assert first[0][key] == pytest.approx(first[1][key], rel=1e-5, abs=1e-9), (line, key)

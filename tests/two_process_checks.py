@@ -34,6 +34,23 @@ def tiny_dit() -> leandit.DiT:
                                num_classes=10, space="pixel")
 
 
+def tiny_mar(seed: int = 0):
+    """A 2 + 2-block MAR on digits' shape (8 x 8, one channel) with random weights: a fresh
+    MAR's head outputs zero (zero-initialised final layer), which would make every gradient of
+    the gates and every KD term trivially zero."""
+    from leandit.models.mar import MAR
+    from leandit.models.mar_config import MARConfig
+
+    model = MAR(MARConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, encoder_depth=2, encoder_heads=2,
+                          decoder_hidden_size=32, decoder_depth=2, decoder_heads=2, buffer_size=4, num_classes=10,
+                          head_depth=2, head_width=32, space="pixel", attn_dropout=0.0, proj_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    return model
+
+
 def routed_source():
     """A 2-block routed DiT (the `leandit route` defaults: 4 regions, 10 bins) whose ratios sit
     between bins and whose routers are random, so the two-process route check really runs two

@@ -66,7 +66,8 @@ def add_parser(sub) -> None:
     loss.add_argument("--align", choices=ALIGNMENT_RULES, default="segment",
                       help="how student blocks map to teacher blocks, from compression.json: segment = the end of the stretch "
                       "of removed blocks each kept block replaces within its group (the group's end when a group keeps one "
-                      "block, as in the paper); group-end = always the group's last block (default segment)")
+                      "block, as in the paper); group-end = always the group's last block; groups are cut where a block "
+                      "list ends (MAR: encoder blocks align with encoder blocks, decoder with decoder) (default segment)")
     loss.add_argument("--teacher-layers", help="explicit alignment, one teacher block per student block (e.g. 1,3,5); "
                       "default: derived from compression.json")
     loss.add_argument("--class-dropout", type=float, help="label-dropout probability, shared by student and teacher (default: the student config's)")

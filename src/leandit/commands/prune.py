@@ -29,9 +29,10 @@ from ..compress.depth import (
     score_method,
 )
 from ..compress.depth.learnable import RECOVERABILITY, auto_ema_decay
+from ..compress.depth.lists import check_scheme_lists, describe_crossing
 from ..data import open_training_data
 from ..evaluate.plots import plot_decisions
-from ..models.blocks import depth_of
+from ..models.blocks import depth_of, list_ranges
 from ..compress.depth.export import pruned_model
 from ..files import write_text_atomically
 from ..models.io import save_model
@@ -176,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     source = open_model(args.model, args)
     depth = depth_of(source)
     scheme = _scheme_for(args, depth)
+    _warn_crossing(source, scheme)
     progress = not args.quiet
     started = time.perf_counter()
     if args.method == "indices":
@@ -219,6 +221,9 @@ def _run_learnable(args: argparse.Namespace) -> int:
     try:
         source = open_model(args.model, args)
         scheme = _scheme_for(args, depth_of(source))  # parsed once, before any work
+        check_scheme_lists(source, scheme)  # the run may end on any choice the scheme allows
+        if dist.is_main:
+            _warn_crossing(source, scheme)
         settings = LearnableSettings(
             scheme=args.scheme,
             temperature_start=args.temperature[0],
@@ -272,10 +277,19 @@ def _run_learnable(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_crossing(source, scheme) -> None:
+    """Say so when a group of the scheme spans two block lists (MAR's encoder and decoder)."""
+    if scheme is None or len(list_ranges(source)) < 2:
+        return
+    warning = describe_crossing(scheme, list_ranges(source))
+    if warning:
+        log(f"warning: {warning}")
+
+
 def _finish(args, source, decision, weights=None, label="original") -> None:
+    model = pruned_model(source, decision, weights, label, source_name=str(args.model))  # may refuse: nothing written yet
     if args.method != "learnable":  # a learnable run claimed it before training
         claim_out(args.out, _kind(args), args.overwrite)
-    model = pruned_model(source, decision, weights, label, source_name=str(args.model))
     folder = save_model(model, args.out / "model", overwrite=args.overwrite)
     # The model's own new record, once more beside the run for a quick look.
     write_text_atomically(args.out / DECISION_FILE, json.dumps(model.compression[-1], indent=2) + "\n")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..backbones import backbone
 from ..compress.recovery import MIXES, teacher_layers
 from ..data import open_training_data
 from ..models import save_model
@@ -113,6 +114,7 @@ def run_router_training(
     dist = setup_distributed(args.device)
     try:
         source = open_model(args.model, args)
+        refuse_masked(source, kind["command"], args.model)
         teacher = None
         if recovery.needs_teacher:
             teacher = open_model(args.teacher, args) if args.teacher else open_model(args.model, args)
@@ -162,6 +164,23 @@ def run_router_training(
     finally:
         teardown_distributed()
     return 0
+
+
+# Why each router method cannot take a MAR (the masked objective): its routers follow the
+# timestep of the whole image, and MAR's blocks see none.
+_NOT_FOR_MAR = {
+    "dynamic": "DyDiT's routers choose each block's width and tokens from the image's timestep",
+    "route": "token routing chooses which image tokens a block processes per timestep region",
+}
+
+
+def refuse_masked(model: nn.Module, command: str, name: str) -> None:
+    """A one-line refusal of a MAR, before any work (the routers would fail deep inside)."""
+    if backbone(model).spec.objective != "masked":
+        return
+    why = _NOT_FOR_MAR.get(command, "its routers follow the image's timestep")
+    raise ValueError(f"leandit {command} does not apply to MAR ({name}): {why}, but MAR's encoder and decoder blocks see no "
+                     "timestep (only its head's token rows carry one); depth-prune it with `leandit prune` instead")
 
 
 def _loop_record(args: argparse.Namespace, recovery, config) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones import Conditioning
+from ..backbones import Conditioning, backbone
 from ..diffusion import Objective, StepRandom
 from ..models.inpaint import InpaintModel, MaskSpec, inpaint_layer
 from .denoising import DenoisingJob
@@ -36,6 +36,9 @@ class InpaintingJob(DenoisingJob):
 
     def __init__(self, model: nn.Module, objective: Objective, masks: MaskSpec, class_dropout_prob: float | None = None,
                  conditioning: Conditioning | None = None):
+        if backbone(model).spec.objective == "masked":
+            raise ValueError("inpainting fine-tuning does not apply to MAR: its extra input channels go through a DiT's "
+                             "patch embedding at a timestep, and MAR takes none (it already predicts unknown tokens from known ones)")
         super().__init__(model, objective, class_dropout_prob, conditioning)
         layer = inpaint_layer(self.module)
         if layer is None:

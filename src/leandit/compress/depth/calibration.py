@@ -7,8 +7,10 @@ spread evenly over the whole range (ShortGPT-style scores computed on clean late
 t describe a regime the sampler barely visits).
 
 The loss is the objective's MSE term: epsilon MSE for DiT (also with a learned variance,
-whose VB term only trains the variance head and is dominated by its t = 0 values) and
-velocity MSE for SiT.
+whose VB term only trains the variance head and is dominated by its t = 0 values),
+velocity MSE for SiT, and the head's epsilon MSE over the unknown tokens for MAR (its
+objective's `calibration_inputs`: a fixed mask per image at the median training ratio, every
+unknown token once, head timesteps spread evenly over the range).
 """
 
 from __future__ import annotations
@@ -31,15 +33,21 @@ from ...models.blocks import block_list, running_blocks
 class CalibrationSet:
     """Noised inputs ready to feed the model: x_t (N, C, H, W), the model timesteps t (N,),
     the conditioning y (labels (N,) or text embeddings, see `leandit.backbones`), and the
-    target the MSE compares with (N, C, H, W)."""
+    target the MSE compares with (N, C, H, W).
 
-    xt: torch.Tensor
+    For MAR (the masked objective) x_t is a `MaskedTokens` (tokens, mask, head rows), t the
+    head timesteps (N, M) and the target the rows' noise (N, M, C); `channel_dim` says where
+    a prediction's channels are (1 for images, -1 for token rows), so the MSE compares the
+    first C channels of the prediction (its epsilon, not the learned variance)."""
+
+    xt: Any  # (N, C, H, W) tensor, or a MaskedTokens
     t: torch.Tensor
     y: Cond
     target: torch.Tensor
+    channel_dim: int = 1
 
     def __len__(self) -> int:
-        return self.xt.shape[0]
+        return len(self.xt)
 
     def batches(self, batch_size: int, device: torch.device | str) -> Iterator[tuple[Any, ...]]:
         for start in range(0, len(self), batch_size):
@@ -68,8 +76,11 @@ def make_calibration_set(model: nn.Module, dataset: Dataset, size: int = 256, se
     items = [dataset[i] for i in calibration_indices(dataset, size, seed)]
     x0 = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in items])  # (N, C, H, W)
     y = default_collate([torch.as_tensor(c) if not isinstance(c, dict) else c for _, c in items])  # (N,) or text
-    noise = PerSampleNoise(seed, range(size)).randn(x0.shape[1:])  # (N, C, H, W)
     objective = make_objective(backbone(model).spec)
+    if hasattr(objective, "calibration_inputs"):  # MAR: a fixed mask, head rows and timesteps per image
+        inputs, steps, noise = objective.calibration_inputs(x0, seed)  # MaskedTokens, (N, M), (N, M, C)
+        return CalibrationSet(inputs, steps, y, noise, channel_dim=-1)
+    noise = PerSampleNoise(seed, range(size)).randn(x0.shape[1:])  # (N, C, H, W)
     # Midpoints of `size` equal slices of the timestep range, then shuffled (fixed) so every
     # batch spans the whole range.
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
@@ -102,9 +113,12 @@ def calibration_loss(
         context = running_blocks(model, kept) if kept is not None else contextlib.nullcontext()
         with context:
             for xt, t, y, target in calibration.batches(batch_size, device):
-                out = adapter.predict(xt, t, y)[:, : target.shape[1]].float()
-                total += float(((out - target) ** 2).mean(dim=(1, 2, 3)).sum())
-                count += xt.shape[0]
+                out = adapter.predict(xt, t, y).float()  # (N, C_out, H, W) or (N, M, 2C)
+                dim = calibration.channel_dim % out.dim()
+                out = out.narrow(dim, 0, target.shape[dim])  # epsilon / velocity, not the variance
+                per_item = ((out - target) ** 2).mean(dim=tuple(range(1, target.dim())))  # (N,)
+                total += float(per_item.sum())
+                count += per_item.shape[0]
     finally:
         model.train(was_training)
     return total / count
@@ -118,7 +132,9 @@ def block_inputs_outputs(
     batch_size: int = 256,
 ) -> None:
     """Run the full model over the calibration set and call `reduce(index, x_in, x_out)` for
-    every block and batch with the block's input and output tokens (N, T, D)."""
+    every block (combined index: MAR's encoder blocks, then its decoder blocks) and batch with
+    the block's input and output tokens (N, T, D). A block's input is its first positional
+    argument (DiT's and MAR's blocks are called as block(x, ...)) or `hidden_states`."""
     device = next(model.parameters()).device
     handles = []
 

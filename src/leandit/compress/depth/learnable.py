@@ -24,6 +24,7 @@ from ...train.schedules import linear_anneal
 from ...models.blocks import depth_of
 from .decision import PruningDecision, group_records
 from .gates import DepthGates, GatedModel
+from .lists import check_scheme_lists
 from .lora import add_lora
 from .scheme import Scheme, mask_to_indices, parse_scheme
 
@@ -84,6 +85,7 @@ class LearnablePruningJob(TrainingJob):
         self.scheme = scheme if scheme is not None else parse_scheme(settings.scheme, depth_of(model))
         if self.scheme.depth != depth_of(model):
             raise ValueError(f"scheme {self.scheme} covers {self.scheme.depth} blocks but the model has {depth_of(model)}")
+        check_scheme_lists(model, self.scheme)  # the decision may be any choice the scheme allows
         self.adapter = backbone(model)
         self.adapter.prepare()
         self.objective = make_objective(self.adapter.spec)

@@ -10,6 +10,13 @@ keeps several layers (2:4) is split at them, so no two student layers chase the 
 a global choice ("keep any K") is one group over the whole depth. The rule "group-end" aligns
 every kept layer with its group's last layer instead (the paper's wording taken literally;
 the same as "segment" whenever a group keeps one layer).
+
+A model with several block lists (MAR: encoder, then decoder) is pruned as one ordered list,
+and its record says each list's depth (`source_list_depths`). A group is then cut at the
+list boundaries before either rule applies: a kept encoder block never stands for removed
+decoder blocks (their outputs are other tokens at another width), so it is aligned with the
+last removed block after it within the encoder, and removed blocks at the start of a list
+that no kept block of that list precedes in the group are nobody's target.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ def record_alignment(record: PruningRecord, rule: str = "segment") -> list[int]:
         raise ValueError(f"compression record {record.get('method', '?')}: its groups do not cover layers 0..{depth - 1} once each")
     end_of: dict[int, int] = {}
     kept_set = set(kept)
-    for layers in groups:
+    for layers in _split_at_lists(record, groups, depth):
         in_group = [i for i in layers if i in kept_set]
         for position, layer in enumerate(in_group):
             split = rule == "segment" and position + 1 < len(in_group)
@@ -46,6 +53,28 @@ def record_alignment(record: PruningRecord, rule: str = "segment") -> list[int]:
     if missing:
         raise ValueError(f"compression record {record.get('method', '?')}: kept layers {missing} are outside 0..{depth - 1}")
     return [end_of[i] for i in kept]
+
+
+def _split_at_lists(record: PruningRecord, groups: list[list[int]], depth: int) -> list[list[int]]:
+    """The groups cut where a block list ends (unchanged for a model with one list)."""
+    depths = record.get("source_list_depths")
+    if not depths:
+        return groups
+    sizes = [int(d) for d in depths.values()]
+    if sum(sizes) != depth or any(d < 0 for d in sizes):
+        raise ValueError(f"compression record {record.get('method', '?')}: its list depths {dict(depths)} do not add up "
+                         f"to its source depth {depth}")
+    owner = [list_index for list_index, size in enumerate(sizes) for _ in range(size)]  # layer -> its list
+    parts = []
+    for layers in groups:
+        current: list[int] = []
+        for layer in layers:
+            if current and owner[layer] != owner[current[-1]]:
+                parts.append(current)
+                current = []
+            current.append(layer)
+        parts.append(current)
+    return parts
 
 
 def _key(record: PruningRecord) -> tuple[int, tuple[int, ...]]:

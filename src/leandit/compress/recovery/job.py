@@ -20,7 +20,7 @@ from torch import nn
 
 from ...backbones import Conditioning, backbone, cond_to
 from ...diffusion import StepRandom, make_objective
-from ...models.blocks import capturing_block_outputs, depth_of
+from ...models.blocks import capturing_block_outputs, depth_of, list_ranges
 from ...train.denoising import DenoisingJob
 from .losses import repkd_loss, repkd_weight
 
@@ -90,6 +90,15 @@ def check_teacher(student: nn.Module, teacher: nn.Module, hidden_states: bool) -
                 f"the teacher's {field} is {getattr(t, field)!r} but the student's is {getattr(s, field)!r}: "
                 "distil from the model the student was pruned from"
             )
+    if s.objective == "masked":
+        # MAR: KD compares the heads' outputs on one head diffusion; RepKD compares encoder
+        # states over the buffer and the known tokens, decoder states over every position.
+        config_fields = ["head_timesteps", "buffer_size"] + (["decoder_hidden_size"] if hidden_states else [])
+        for field in config_fields:
+            mine, theirs = getattr(s.objective_config, field), getattr(t.objective_config, field)
+            if mine != theirs:
+                raise ValueError(f"the teacher's {field} is {theirs!r} but the student's is {mine!r}: "
+                                 "distil from the model the student was pruned from")
     if not s.conditioning.compatible(t.conditioning):
         raise ValueError(
             f"the teacher is conditioned on {t.conditioning.describe()} but the student on {s.conditioning.describe()}: "
@@ -126,6 +135,7 @@ class RecoveryJob(DenoisingJob):
             teacher_depth = depth_of(teacher)
             if any(not 0 <= i < teacher_depth for i in teacher_layers):
                 raise ValueError(f"teacher layers {list(teacher_layers)} are not all blocks of the {teacher_depth}-block teacher")
+            _check_same_lists(student, teacher, teacher_layers)
         self.teacher = teacher if settings.needs_teacher else None
         self.teacher_layers = list(teacher_layers) if use_repkd else None
         self.teacher_dtype = teacher_dtype
@@ -193,7 +203,8 @@ class RecoveryJob(DenoisingJob):
             return loss, logs
 
         with torch.no_grad(), _capture(self.teacher, self.teacher_layers or [], use_repkd) as teacher_hidden:
-            x = seen["x"].to(self.teacher_dtype) if self.teacher_dtype else seen["x"]
+            # A keyword: MAR's inputs (MaskedTokens) take .to(device, dtype), a tensor either way.
+            x = seen["x"].to(dtype=self.teacher_dtype) if self.teacher_dtype else seen["x"]
             teacher_y = cond_to(y, x.device, self.teacher_dtype) if self.teacher_dtype else y
             teacher_output = backbone(self.teacher).predict(x, seen["t"], teacher_y)
         kd = self.objective.distillation_losses(terms["model_output"], teacher_output, terms["xt"], t)
@@ -206,6 +217,24 @@ class RecoveryJob(DenoisingJob):
             loss = loss + self.current_repkd_weight * repkd
             logs.update(repkd=repkd, repkd_weight=self.current_repkd_weight, repkd_dropped=dropped)
         return loss, logs
+
+
+def _check_same_lists(student: nn.Module, teacher: nn.Module, teacher_layers: Sequence[int]) -> None:
+    """Every student block distils from a teacher block of the same list (MAR: encoder from
+    encoder, decoder from decoder: the other list's states are other tokens)."""
+    student_ranges, teacher_ranges = list_ranges(student), list_ranges(teacher)
+    if len(student_ranges) == len(teacher_ranges) == 1:
+        return
+
+    def owner(ranges, index: int) -> str:
+        return next(name for name, start, stop in ranges if start <= index < stop)
+
+    for j, i in enumerate(teacher_layers):
+        if owner(student_ranges, j) != owner(teacher_ranges, i):
+            raise ValueError(
+                f"student block {j} is one of its {owner(student_ranges, j)} but is aligned with teacher block {i}, one of "
+                f"the teacher's {owner(teacher_ranges, i)}: align every block with a block of its own list"
+            )
 
 
 def _capture(model: nn.Module, indices, enabled: bool):
