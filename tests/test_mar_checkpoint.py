@@ -249,9 +249,13 @@ def test_args_set_the_token_layout_and_training_settings():
     plain = infer_mar_config(sd)  # no args: MAR's defaults
     assert (plain.patch_size, plain.in_channels, plain.input_size) == (1, 16, 8)
     assert plain.head_sampling_steps == 100 and plain.mask_ratio_min == 0.7
-    # A respacing string the head cannot use as a step count keeps the default.
-    assert infer_mar_config(sd, args=release_args(num_sampling_steps="ddim25", img_size=128, buffer_size=8,
-                                                  diffloss_d=1, diffloss_w=64)).head_sampling_steps == 100
+    # A training setting leandit cannot use (a respacing string, more steps than the head's
+    # 1000, an impossible mask ratio) keeps the default instead of refusing the weights.
+    odd = infer_mar_config(sd, args=release_args(num_sampling_steps="ddim25", mask_ratio_min=0.0, img_size=128,
+                                                 buffer_size=8, diffloss_d=1, diffloss_w=64))
+    assert (odd.head_sampling_steps, odd.mask_ratio_min) == (100, 0.7)
+    assert infer_mar_config(sd, args=release_args(num_sampling_steps="5000", img_size=128, buffer_size=8, diffloss_d=1,
+                                                  diffloss_w=64)).head_sampling_steps == 100
     with pytest.raises(CheckpointError, match="args say img_size=512, vae_stride=16"):
         infer_mar_config(sd, args=release_args(img_size=512, buffer_size=8, diffloss_d=1, diffloss_w=64))
     with pytest.raises(CheckpointError, match="args say diffloss_w=1280, its tensors head_width=64"):

@@ -140,10 +140,6 @@ def infer_mar_config(
         head_width=head_width,
         space=space or "latent",
     )
-    for arg, (field, kind) in _ARG_FIELDS.items():
-        value = _number(train.get(arg), kind)
-        if value is not None:  # anything else (a respacing such as "ddim25") keeps the default
-            fields[field] = value
     for arg, field in (("buffer_size", "buffer_size"), ("class_num", "num_classes"),
                        ("diffloss_d", "head_depth"), ("diffloss_w", "head_width")):
         value = _number(train.get(arg), int)
@@ -151,10 +147,16 @@ def infer_mar_config(
             raise CheckpointError(f"the checkpoint's args say {arg}={value}, its tensors {field}={fields[field]}")
     try:
         config = MARConfig(**fields)
-        if config.head_sampling_steps > config.head_timesteps:
-            config = config.replace(head_sampling_steps=config.head_timesteps)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
+    for arg, (field, kind) in _ARG_FIELDS.items():
+        value = _number(train.get(arg), kind)
+        if value is None:  # absent, or not a number (a respacing such as "ddim25"): the default
+            continue
+        try:
+            config = config.replace(**{field: value})
+        except ValueError:  # a training setting leandit cannot use does not keep the weights from loading
+            continue
     return config.replace(name=released_size(config) or name)
 
 
