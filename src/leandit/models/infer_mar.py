@@ -84,6 +84,8 @@ def infer_mar_config(
         args: the checkpoint's training arguments (`checkpoint["args"]`, a Namespace or dict),
             for the split of a token into channels and patch pixels and the training
             settings; without them, MAR's defaults (patch size 1, the values of MARConfig).
+            Shape facts in `args` that contradict the tensors are an error; a training
+            setting leandit cannot use (num_sampling_steps "ddim25") keeps its default.
         num_heads: the head count of encoder and decoder; needed when a width is not a
             released one (768, 1024, 1280).
         space: "latent" or "pixel"; default latent (MAR's release trains on KL-16 latents).
