@@ -8,6 +8,9 @@
   `compression.json` beside them), or a diffusers pipeline folder (its `transformer/`);
 - an original DiT or SiT release file (`DiT-XL-2-256x256.pt`, `SiT-XL-2-256x256.pt`): a plain
   state dict, or a training checkpoint dict with `model`/`ema` entries (EMA preferred);
+- an original MAR release file (`checkpoint-last.pth` of MAR-B/L/H): `model` and `model_ema`
+  entries (EMA preferred), the architecture inferred from the tensors and the file's `args`
+  (`leandit.models.infer_mar`);
 - a single `.safetensors` file holding a state dict with the original key names;
 - the name of a model shipped with leandit (`digits-teacher`).
 
@@ -37,11 +40,13 @@ from ..assets import shipped_model
 from ..files import write_folder_atomically
 from ..backbones import ADAPTERS_BY_TYPE, LAYOUTS, backbone, find_adapter
 from ..backbones.diffusers import DIFFUSERS_WEIGHTS, LEANDIT_META
+from ..backbones.mar import mar_from_state_dict
 from .config import NAMED_CONFIGS, DiTConfig, named_config
 from .dit import DiT
 from .mar import MAR
 from .mar_config import MAR_SIZES, MARConfig, named_mar_config
 from .infer import CheckpointError, check_keys, infer_dit_config
+from .infer_mar import infer_mar_config, is_mar_state_dict
 from .wrappers import apply_wrappers, peel_wrappers, write_wrappers
 
 FORMAT = "leandit-model"
@@ -104,10 +109,13 @@ def load_model(
 
     Args:
         weights: "auto" (EMA weights when the file or folder has them), "ema" or "model".
-        num_heads: head count for a checkpoint whose hidden size is not a standard one.
-        objective: "diffusion" or "flow" for checkpoint files; default: "flow" when the
-            file name contains "SiT", else "diffusion". Ignored for model folders.
-        space: "latent" or "pixel" for checkpoint files (default: latent for 4 channels).
+        num_heads: head count for a checkpoint whose hidden size is not a standard one
+            (for a MAR file: of its encoder and decoder).
+        objective: "diffusion" or "flow" for DiT/SiT checkpoint files; default: "flow" when
+            the file name contains "SiT", else "diffusion". Ignored for model folders; a
+            MAR file is always "masked".
+        space: "latent" or "pixel" for checkpoint files (default: latent for 4 channels, and
+            for MAR files).
         trust_checkpoint: allow a checkpoint that pickles arbitrary Python objects (runs
             code from the file: only for files you trust).
     """
@@ -128,7 +136,11 @@ def load_model(
     if path.is_dir():
         model = _load_folder(path, weights)
     else:
-        state_dict, label = read_checkpoint_file(path, weights=weights, trust=trust_checkpoint)
+        state_dict, label, args = read_checkpoint(path, weights=weights, trust=trust_checkpoint)
+        if is_mar_state_dict(state_dict):
+            model = _load_mar_file(path, state_dict, label, args, num_heads=num_heads, objective=objective, space=space)
+            model.source = name
+            return _placed(model, device, dtype)
         # "SiT-XL-2-256x256.pt" is a SiT; "DiT-XL-2-transition.pt" is not.
         guessed = "flow" if re.search(r"(?<![a-z])sit(?![a-z])", path.stem.lower()) else "diffusion"
         config = infer_dit_config(
@@ -140,10 +152,34 @@ def load_model(
             config = config.replace(guided_channels=3)
         model = model_from_state_dict(config, state_dict, source=f"{path} ({label})")
     model.source = name
+    return _placed(model, device, dtype)
+
+
+def _placed(model: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
     model = model.to(device)
     if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
         model = model.to(dtype)  # diffusers warns on a dtype argument even when nothing changes
     return model
+
+
+def _load_mar_file(
+    path: Path,
+    state_dict: dict[str, torch.Tensor],
+    label: str,
+    args: Any,
+    *,
+    num_heads: int | None,
+    objective: str | None,
+    space: str | None,
+) -> MAR:
+    """A MAR release file (`checkpoint-last.pth`): the config from its tensors and `args`."""
+    if objective not in (None, "masked"):
+        raise CheckpointError(
+            f"{path}: is a MAR checkpoint (a masked model with a diffusion head): --objective {objective} applies to "
+            "DiT/SiT files only; drop it"
+        )
+    config = infer_mar_config(state_dict, args=args, num_heads=num_heads, space=space, name=path.stem)
+    return mar_from_state_dict(config, state_dict, source=f"{path} ({label})")
 
 
 def model_from_state_dict(
@@ -165,21 +201,51 @@ def read_checkpoint_file(
     path: Path, *, weights: str = "auto", trust: bool = False
 ) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict in a .pt/.pth/.safetensors file, and which entry it came from."""
+    state_dict, label, _ = read_checkpoint(path, weights=weights, trust=trust)
+    return state_dict, label
+
+
+# The entries of a training checkpoint that hold EMA weights: DiT/SiT's train.py writes
+# "ema", MAR's main_mar.py "model_ema" (a full state dict beside "model").
+_EMA_ENTRIES = ("ema", "model_ema")
+
+
+def read_checkpoint(
+    path: Path, *, weights: str = "auto", trust: bool = False
+) -> tuple[dict[str, torch.Tensor], str, Any]:
+    """(state dict, the entry it came from, the training `args` or None) of a checkpoint file.
+
+    A training checkpoint ({"model", "ema" or "model_ema", "opt"/"optimizer", "args", ...})
+    gives its EMA weights under weights="auto"/"ema" and "model" under weights="model"; the
+    other entries (optimizer state, epoch, loss scaler) are read, never used.
+    """
     if path.suffix == ".safetensors":
         if weights == "ema":
             raise CheckpointError(f"{path}: a single safetensors state dict has no separate 'ema' entry; use --weights auto (weights='auto' in Python)")
         try:
-            return _strip_wrapper_prefix(load_file(str(path))), "safetensors"
+            return _strip_wrapper_prefix(load_file(str(path))), "safetensors", None
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)}); is it complete?") from None
     obj = _torch_load(path, trust)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint dict")
-    if "model" in obj or "ema" in obj:
-        # A training checkpoint: {"model", "ema", "opt", "args"}; EMA weights are the ones to use.
-        entry = {"auto": "ema" if "ema" in obj else "model"}.get(weights, weights)
-        if entry not in obj:
-            raise CheckpointError(f"{path}: has no {entry!r} entry (it has {sorted(obj)})")
+    args = None
+    if "model" in obj or any(e in obj for e in _EMA_ENTRIES):
+        # A training checkpoint; EMA weights are the ones to use. MAR's writes model_ema=None
+        # when it trained without EMA: that entry is absent for our purposes.
+        ema = next((e for e in _EMA_ENTRIES if obj.get(e) is not None), None)
+        if weights == "model":
+            entry = "model"
+        elif weights == "ema" and ema is None:
+            raise CheckpointError(
+                f"{path}: has no EMA weights (no 'ema' or 'model_ema' entry; it has {sorted(map(str, obj))}); "
+                "use --weights model or --weights auto (weights=... in Python)"
+            )
+        else:
+            entry = ema or "model"
+        if obj.get(entry) is None:
+            raise CheckpointError(f"{path}: has no {entry!r} entry (it has {sorted(map(str, obj))})")
+        args = obj.get("args")
         obj, label = obj[entry], entry
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{path}: its {entry!r} entry is a {type(obj).__name__}, not a state dict")
@@ -190,7 +256,7 @@ def read_checkpoint_file(
     odd = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if odd:
         raise CheckpointError(f"{path}: entries that are not tensors: {odd[:5]}")
-    return _strip_wrapper_prefix(dict(obj)), label
+    return _strip_wrapper_prefix(dict(obj)), label, args
 
 
 def _torch_load(path: Path, trust: bool) -> Any:
