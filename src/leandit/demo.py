@@ -7,6 +7,10 @@ the pruned ones), measure speed side by side over whole sampling runs, and write
 `report.md` with one table and the sample grids. Pruning, recovery and DyDiT run through
 the same commands a user runs (`leandit prune`, `leandit finetune`, `leandit dynamic`,
 `leandit route`), in process.
+
+`run_mar_demo` is the same story on the embedded digits MAR teacher (TinyMAR): its 6 + 6
+encoder/decoder blocks pruned to 3 + 3 by learnable 1:2 beside a baseline, both recovered
+with masked KD, every model sampled by MAR's unmasking loop and scored the same way.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .assets import digits_teacher_path
+from .assets import digits_mar_teacher_path, digits_teacher_path
 from .backbones import backbone
 from .cli import main as leandit_main
 from .data.digits import to_digits_range
+from .diffusion import PerSampleNoise
 from .evaluate.digits import class_agreement
 from .evaluate.digits_features import digits_as_uint8, load_digits_features
 from .evaluate.feature_nets import extract_features
@@ -110,11 +115,12 @@ def stage_names() -> list[str]:
     return [*names, "dynamic-dydit", "sample-dydit", "route-diffcr", "sample-diffcr", "speed"]
 
 
-def check_redo(redo) -> None:
+def check_redo(redo, backbone_name: str = "dit") -> None:
     """Refuse a --redo stage the demo does not have (it would silently rerun nothing)."""
-    unknown = sorted(set(redo) - {*stage_names(), "all"})
+    names = stage_names() if backbone_name == "dit" else mar_stage_names()
+    unknown = sorted(set(redo) - {*names, "all"})
     if unknown:
-        raise ValueError(f"--redo {unknown[0]}: no such stage; the stages are {', '.join(stage_names())} (or all)")
+        raise ValueError(f"--redo {unknown[0]}: no such stage; the stages are {', '.join(names)} (or all)")
 
 
 def run_demo(
@@ -287,6 +293,227 @@ def _report(info: dict, rows: dict, speeds: dict, s: DemoSettings, seconds: floa
         f"({s.bench_rounds} interleaved rounds); latency and FLOPs are means per step, a dynamic or routed model's FLOPs counted "
         "from the heads, channels and tokens it ran (its routers included). DyDiT and DiffCR are fine-tuned in one go, so they "
         "have no 'before'.",
+        "",
+        "Samples, one class per column (first 10 of each class):",
+        "",
+        "| " + " | ".join(rows) + " |",
+        "|" + "---|" * len(rows),
+        "| " + " | ".join(f"![{name}]({row['after']['grid']})" for name, row in rows.items()) + " |",
+        "",
+        f"Demo time (this run; stages reused from earlier runs count as 0): {seconds:.0f} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- the MAR demo (TinyMAR on the embedded digits MAR teacher) ---------------------------------
+
+# How the MAR models are sampled (chosen by measurement on the teacher: its README.md). The
+# head's DDPM runs on the stride-20 timesteps 980, 960, ..., 0 ("ddim50" spacing): the
+# default respacing starts at t = 999, where the cosine schedule's alpha_bar is 2.4e-9: its
+# first step (999 -> 989) multiplies the head's epsilon error by sqrt(alpha_bar(989) /
+# alpha_bar(999)) = 316 (980 -> 960: by 2), and this small head's samples fall apart.
+MAR_SAMPLING = {"num_iter": 8, "cfg_scale": 2.0, "temperature": 1.0, "head_steps": "ddim50"}
+
+MAR_PRUNINGS = {  # name -> the prune command's method options (6 + 6 -> 3 + 3 blocks)
+    "learnable 1:2": ["--method", "learnable", "--scheme", "1:2"],
+    "ShortGPT": ["--method", "shortgpt", "--keep", "6"],
+}
+
+
+@dataclass(frozen=True)
+class MarDemoSettings:
+    """How much work each stage of the MAR demo does; the defaults fit in 10 minutes on a
+    2-core CPU."""
+
+    prune_steps: int = 600
+    recover_steps: int = 300
+    batch_size: int = 64
+    samples_per_class: int = 50
+    num_iter: int = MAR_SAMPLING["num_iter"]
+    cfg_scale: float = MAR_SAMPLING["cfg_scale"]
+    temperature: float = MAR_SAMPLING["temperature"]
+    head_steps: int | str | None = MAR_SAMPLING["head_steps"]
+
+    def sampling(self) -> dict[str, Any]:
+        return {"num_iter": self.num_iter, "cfg_scale": self.cfg_scale, "temperature": self.temperature,
+                "head_steps": self.head_steps}
+
+
+def mar_stage_names() -> list[str]:
+    """Every stage of the MAR demo, in order: the names `--redo` takes (besides "all")."""
+    names = ["teacher", "sample-teacher"]
+    for name in MAR_PRUNINGS:
+        slug = _slug(name)
+        names += [f"prune-{slug}", f"recover-{slug}", f"sample-{slug}-pruned", f"sample-{slug}-recovered"]
+    return names
+
+
+def mar_samples(model, labels, *, num_iter: int, cfg_scale: float, temperature: float, head_steps: int | str | None,
+                seed: int = 0, batch_size: int = 250, device: str = "cpu"):
+    """Samples (N, C, H, W) of a MAR model for labels (N,) by its unmasking loop; image i gets
+    the noise of (seed, i) whatever the batch size."""
+    import torch
+
+    model.eval()
+    chunks = []
+    for start in range(0, len(labels), batch_size):
+        y = labels[start:start + batch_size].to(device)
+        noise = PerSampleNoise(seed, range(start, start + len(y)), device)
+        chunks.append(backbone(model).generate(y, noise, num_iter=num_iter, cfg_scale=cfg_scale, temperature=temperature,
+                                               head_steps=head_steps).float().cpu())
+    return torch.cat(chunks)
+
+
+def mar_generation_macs(model, **sampling: Any) -> dict[str, int]:
+    """MACs of generating one image (guidance included), counted while it runs: in all, and
+    in the encoder/decoder (the part depth pruning shrinks; the rest is the head's DDPM)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    labels = torch.zeros(1, dtype=torch.long, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter:
+        mar_samples(model, labels, **sampling, device=str(labels.device))
+    counts = counter.get_flop_counts()
+    total = int(counter.get_total_flops()) // 2
+    head = sum(counts.get("DiffusionHead", {}).values()) // 2
+    return {"total": total, "head": head, "trunk": total - head}
+
+
+def _mar_info(model) -> dict[str, Any]:
+    c = model.config
+    return {"family": "MAR", "parameters": sum(p.numel() for p in model.parameters()), "encoder_depth": c.encoder_depth,
+            "decoder_depth": c.decoder_depth, "hidden_size": c.hidden_size, "tokens": c.num_tokens,
+            "head": f"{c.head_depth} x {c.head_width}"}
+
+
+def run_mar_demo(
+    out: Path,
+    *,
+    redo: set[str] = frozenset(),
+    device: str = "cpu",
+    progress: bool = True,
+    log=print,
+    settings: MarDemoSettings = MarDemoSettings(),
+) -> Path:
+    """Run (or reuse) every stage of the MAR demo and write `out/report.md`; returns its path."""
+    check_redo(redo, "mar")
+    started = time.perf_counter()
+    stages = Stages(Path(out), set(redo), log)
+    folder = stages.folder
+    other = stages.state.get("teacher", {}).get("result", {})
+    if stages.state and other.get("family") != "MAR":
+        raise ValueError(f"--out {folder} holds the DiT demo's results: pass another folder (the MAR demo's default is "
+                         "demo-output-mar)")
+    teacher_dir = digits_mar_teacher_path()
+    teacher = load_model(teacher_dir, device=device)
+    teacher_id = _file_hash(teacher_dir / "model.safetensors")
+    info = stages.run("teacher", {"model": teacher_id}, lambda: _mar_info(teacher))
+    quiet = [] if progress else ["--quiet"]
+    s = settings
+    feature_net = load_digits_features()
+    reference = extract_features(feature_net, digits_as_uint8()[0], progress=False)
+
+    def sample_and_score(name: str, model_dir: Path) -> dict[str, Any]:
+        model = load_model(model_dir, device=device)
+        classes = model.config.num_classes
+        labels = make_labels(s.samples_per_class * classes, classes)
+        begun = time.perf_counter()
+        x = mar_samples(model, labels, **s.sampling(), device=device)
+        seconds = time.perf_counter() - begun
+        images = to_uint8_images(x, "pixel")
+        slug = _slug(name) + ("-pruned" if name.endswith(" pruned") else "")
+        save_npz(folder / f"{slug}_samples.npz", images, labels.numpy())
+        save_grid(folder / f"{slug}_grid.png", images[: 10 * classes], ncols=classes,
+                  column_labels=[str(c) for c in range(classes)])
+        metrics = all_metrics(extract_features(feature_net, images, progress=False), reference)
+        return {"digits_" + k: v for k, v in metrics.items()} | {
+            "class_agreement": class_agreement(to_digits_range(x), labels.numpy()), "samples": len(labels),
+            "sampling_seconds": round(seconds, 2), "grid": f"{slug}_grid.png", "info": _mar_info(model),
+            "macs": mar_generation_macs(model, **s.sampling()),
+        }
+
+    sample = {"per_class": s.samples_per_class, **s.sampling(), "seed": 0}
+    rows = {"teacher": {"after": stages.run("sample-teacher", {"model": teacher_id, **sample},
+                                            lambda: sample_and_score("teacher", teacher_dir))}}
+    for name, method in MAR_PRUNINGS.items():
+        slug = _slug(name)
+        learnable = method[1] == "learnable"
+        prune_args = [*method, *(["--steps", str(s.prune_steps), "--batch-size", str(s.batch_size)] if learnable else [])]
+        prune_dir, recover_dir = folder / f"prune-{slug}", folder / f"recover-{slug}"
+
+        def prune(prune_args=prune_args, prune_dir=prune_dir) -> dict[str, Any]:
+            shutil.rmtree(prune_dir, ignore_errors=True)
+            _cli("prune", str(teacher_dir), *prune_args, "--out", str(prune_dir), "--device", str(device), *quiet)
+            decision = json.loads((prune_dir / "decision.json").read_text())
+            confidences = [g["confidence"] for g in decision.get("groups") or [] if "confidence" in g]
+            return {"kept": decision["kept_indices"], "lowest_confidence": min(confidences) if confidences else None}
+
+        def recover(prune_dir=prune_dir, recover_dir=recover_dir) -> dict[str, Any]:
+            shutil.rmtree(recover_dir, ignore_errors=True)
+            _cli("finetune", str(prune_dir / "model"), "--teacher", str(teacher_dir), "--mix", "masked-kd",
+                 "--steps", str(s.recover_steps), "--batch-size", str(s.batch_size), "--out", str(recover_dir),
+                 "--device", str(device), *quiet)
+            return {"model": str(recover_dir / "model")}
+
+        pruned = stages.run(f"prune-{slug}", {"model": teacher_id, "args": prune_args}, prune)
+        stages.run(f"recover-{slug}", {"pruned": stages.stamp(f"prune-{slug}"), "steps": s.recover_steps,
+                                       "batch_size": s.batch_size, "mix": "masked-kd"}, recover)
+        rows[name] = {
+            "kept": pruned["kept"],
+            "lowest_confidence": pruned.get("lowest_confidence"),
+            "before": stages.run(f"sample-{slug}-pruned", {"pruned": stages.stamp(f"prune-{slug}"), **sample},
+                                 lambda prune_dir=prune_dir, name=name: sample_and_score(f"{name} pruned", prune_dir / "model")),
+            "after": stages.run(f"sample-{slug}-recovered", {"recovered": stages.stamp(f"recover-{slug}"), **sample},
+                                lambda recover_dir=recover_dir, name=name: sample_and_score(f"{name} recovered",
+                                                                                             recover_dir / "model")),
+        }
+    report = folder / "report.md"
+    write_text_atomically(report, _mar_report(info, rows, s, time.perf_counter() - started))
+    return report
+
+
+def _mar_report(info: dict, rows: dict, s: MarDemoSettings, seconds: float) -> str:
+    enc, dec = info["encoder_depth"], info["decoder_depth"]
+    learnable = rows.get("learnable 1:2", {})
+    confidence = learnable.get("lowest_confidence")
+    guidance = "no guidance" if s.cfg_scale == 1 else f"guidance {s.cfg_scale:g} (linear schedule)"
+    lines = [
+        "# leandit demo report: TinyMAR",
+        "",
+        f"The embedded digits MAR teacher (encoder {enc} + decoder {dec} ViT blocks, hidden {info['hidden_size']}, a "
+        f"{info['head']} diffusion-loss head, {info['parameters'] / 1e6:.2f} M parameters, {info['tokens']} tokens) "
+        f"pruned to half its blocks two ways and recovered with masked KD for {s.recover_steps} steps at batch "
+        f"{s.batch_size} (`leandit finetune --mix masked-kd`): learnable 1:2 (TinyFusion's gates and LoRA over encoder "
+        f"and decoder as one list, {s.prune_steps} steps of `leandit prune --method learnable --scheme 1:2`"
+        + (f", lowest group confidence {confidence:.2f}" if confidence is not None else "")
+        + ") and ShortGPT (`leandit prune --method shortgpt --keep 6`: the blocks that turn their input least go).",
+        "",
+        "| method | blocks kept | encoder + decoder | params | MMACs / image (encoder + decoder) | MMACs / image (all) | "
+        "digits-FID before recovery | digits-FID after | class agreement before | class agreement after | "
+        "sampling s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        after = row["after"]
+        i, macs = after["info"], after["macs"]
+        before = row.get("before")
+        kept = str(row["kept"]) if "kept" in row else f"all {i['encoder_depth'] + i['decoder_depth']}"
+        lines.append(
+            f"| {name} | {kept} | {i['encoder_depth']} + {i['decoder_depth']} | {i['parameters'] / 1e6:.2f} M | "
+            f"{macs['trunk'] / 1e6:.1f} | {macs['total'] / 1e6:.1f} | "
+            + (f"{before['digits_fid']:.2f}" if before else "–") + f" | {after['digits_fid']:.2f} | "
+            + (f"{before['class_agreement']:.1%}" if before else "–") + f" | {after['class_agreement']:.1%} | "
+            f"{after['sampling_seconds']:.1f} |")
+    lines += [
+        "",
+        f"Samples: {rows['teacher']['after']['samples']} class-balanced images per model (seed 0), MAR's unmasking loop "
+        f"in {s.num_iter} steps, {guidance}, head temperature {s.temperature:g}, the head's DDPM on the "
+        f"{s.head_steps or 'default'} timesteps. digits-FID: the Frechet distance of a small CNN's features (shipped in "
+        "`assets/digits-features`) between the samples and the 1797 real digits: comparable among these models only. "
+        "Class agreement: the share of samples an SVC trained on the real digits puts in the class asked for. MACs: "
+        "counted while one image is generated; the head's DDPM (the same in every model) is most of them at this "
+        "size, so halving the blocks saves less of the total than of the encoder + decoder. Sampling s: wall time of "
+        "the samples on this machine.",
         "",
         "Samples, one class per column (first 10 of each class):",
         "",
