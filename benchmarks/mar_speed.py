@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the table and the machine to this markdown file")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    load_before = os.getloadavg()
     model = make_model(args.model)
     models = [(f"{model.config.name or args.model} (full)", model)] + [pruned(model, s) for s in args.splits.split(",") if s]
     print(f"built {len(models)} models in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
@@ -146,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     text = table(rows)
     command = "python benchmarks/mar_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     footer = (f"Machine: {machine()}. Command: `{command.strip()}` ({minutes:.1f} min in all). Batch {args.batch_size}, "
-              f"{args.iterations} iterations, {args.head_steps} head steps, {args.rounds} round(s), no warm-up loop.")
+              f"{args.iterations} iterations, {args.head_steps} head steps, {args.rounds} round(s), no warm-up loop. Load "
+              f"average (1, 5, 15 min) before: {', '.join(f'{v:.1f}' for v in load_before)}; after: "
+              f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}.")
     print(text)
     print(footer)
     if args.out:
