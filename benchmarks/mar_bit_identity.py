@@ -91,7 +91,8 @@ def compare(name: str, mar_module, kwargs: dict, folder: Path) -> list[tuple[str
                                    diffloss_w=kwargs["diffloss_w"], class_num=kwargs["class_num"])
     path = folder / f"{name}-checkpoint-last.pth"
     torch.save({"model": sd, "model_ema": sd, "optimizer": {}, "epoch": 1, "args": namespace}, path)
-    model = leandit.load_model(path).eval()
+    released = kwargs["encoder_embed_dim"] in (768, 1024, 1280)  # other widths need their head count
+    model = leandit.load_model(path, num_heads=None if released else kwargs["encoder_num_heads"]).eval()
     rows = []
 
     def row(what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:

@@ -453,7 +453,7 @@ def test_every_baseline_prunes_mar_from_the_cli(method, extra, kept, source, tmp
         (["dynamic", "{src}", "--target", "0.5", "--steps", "2"], "leandit dynamic does not apply to MAR"),
         (["route", "{src}", "--target", "0.5", "--steps", "2"], "leandit route does not apply to MAR"),
         (["route", "{src}", "--target", "0.5", "--steps", "2", "--inpaint", "mixed"], "leandit route does not apply to MAR"),
-        (["train", "--model", "{src}", "--data", "digits", "--inpaint", "--steps", "2"], "not a MAR"),
+        (["train", "--model", "{src}", "--data", "digits", "--inpaint", "--steps", "2"], "inpainting fine-tuning does not apply to MAR"),
     ],
 )
 def test_what_cannot_apply_to_mar_fails_with_one_line_and_writes_nothing(argv, message, source, tmp_path, capsys):

@@ -364,8 +364,6 @@ def test_extract_features_cli_takes_the_file(tmp_path, tiny_file):
     assert len(lines) == 1 and "nowhere.ckpt" in lines[0], missing.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="core: class-label extraction scales latents by the SD-VAE's 0.18215 whatever the "
-                                       "VAE (src/leandit/data/features.py:225), not KL-16's 0.2325 that MAR trains on")
 def test_extracted_kl16_latents_carry_mars_scale(tmp_path, tiny_file):
     from leandit.data.features import extract_features
 

@@ -108,6 +108,9 @@ class Backbone(ABC):
     # (diffusers' DiT copies the time/class embedders into each block): not block weights,
     # so per-block methods (LoRA, width) leave them alone.
     block_shared_modules: tuple[str, ...] = ()
+    # Block lists that must keep at least one block, with the reason (depth methods refuse a
+    # decision that empties one).
+    required_block_lists: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module, outer: nn.Module | None = None):
         self.model = model

@@ -34,6 +34,11 @@ class MARBackbone(Backbone):
 
     model_type = "mar"
     block_list_names = ("encoder_blocks", "decoder_blocks")
+    # Removing every encoder block is fine (the decoder still attends over buffer and known tokens).
+    required_block_lists = {
+        "decoder_blocks": "without decoder blocks the unknown tokens never see the known tokens or the class "
+        "(the mask token enters after the encoder), so each would be predicted from its position alone",
+    }
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

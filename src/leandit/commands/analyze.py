@@ -135,7 +135,7 @@ def add_parser(sub) -> None:
     r.add_argument("--sampler", default=None, help="sampler of the token maps (default: the model's, ddim or heun)")
     r.add_argument("--sampling-steps", type=int, default=None, help="sampling steps of the token maps (default 50; 250 for ddpm)")
     r.add_argument("--seed", type=int, default=0, help="seed of the samples' noise (default 0)")
-    r.add_argument("--vae", type=Path, default=None, help="a latent model's VAE (a local diffusers AutoencoderKL folder) to show "
+    r.add_argument("--vae", type=Path, default=None, help="a latent model's VAE (a local diffusers AutoencoderKL folder, or MAR's kl16.ckpt) to show "
                    "the samples; without one the maps come alone")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     add_model_options(r)

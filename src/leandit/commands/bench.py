@@ -1,5 +1,6 @@
 """`leandit bench`: parameters, FLOPs, latency, throughput, peak memory and speed-up of models
-measured side by side in one run."""
+measured side by side in one run. DiT/SiT models are timed per sampling step; MAR models by
+their whole generation loop per image, split into the transformer blocks, the head and the rest."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from ..evaluate.model_specs import open_spec
 from ..evaluate.plots import plot_speedup_curve
 from ..files import write_text_atomically
-from ..evaluate.speed import SpeedResult, compression_variants, measure_speed, process_peak_memory_mib, varies_with_timestep
+from ..evaluate.speed import (LoopSpeedResult, SpeedResult, compression_variants, is_masked, measure_generation_speed, measure_speed,
+                              process_peak_memory_mib, varies_with_timestep)
 from ..train.distributed import resolve_device
 from .common import add_model_options, log, plural, si
 
@@ -27,18 +29,25 @@ def add_parser(sub) -> None:
         "(attention included; with guidance a step runs 2 x batch), median latency per sampling step over interleaved "
         "rounds after warm-up, images per second for a full sampling run, peak memory of a step, and the speed-up "
         "over the first model. MODEL is a model folder, a checkpoint file, or a named size with random weights and "
-        "optional overrides, e.g. DiT-XL/2 DiT-XL/2:depth=14 DiT-XL/2:depth=7.",
+        "optional overrides, e.g. DiT-XL/2 DiT-XL/2:depth=14 DiT-XL/2:depth=7. MAR models (compared with MAR models "
+        "only) are timed by their whole generation loop per image (encoder, decoder and head over every iteration, "
+        "guidance included), with the time in the transformer blocks, in the head and the rest, and the speed-up of "
+        "the whole loop and of the block part, e.g. MAR-L MAR-L:encoder_depth=8,decoder_depth=8.",
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="models to compare; speed-ups are over the first (with --curve: one model)")
     p.add_argument("--batch-size", type=int, default=2, help="images per sampling step (default 2)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1 = no guidance (default 1.5: a step runs 2 x batch)")
-    p.add_argument("--sampling-steps", type=int, default=250, help="steps of a full sampling run, for images/s (default 250, DiT's DDPM)")
+    p.add_argument("--sampling-steps", type=int, default=None,
+                   help="steps of a full sampling run, for images/s (default 250, DiT's DDPM); MAR: the unmasking "
+                   "iterations of the timed loop (default 64, or one per token when fewer)")
+    p.add_argument("--head-steps", type=int, default=None, help="MAR: the head's DDPM steps per token (default: the model's, 100 in MAR)")
     p.add_argument("--trajectory", type=int, metavar="STEPS",
                    help="time whole sampling runs of STEPS steps (DDIM for diffusion models, Euler for flow models, from "
                    "fixed noise) and report the mean per step; FLOPs are then counted from what each model ran. Needed "
                    "for dynamic (DyDiT) models, whose cost depends on the timestep and the image (default: single steps)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
-    p.add_argument("--rounds", type=int, default=10, help="timed rounds; each times every model once, in turn (default 10)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per model first (default 3; MAR: 1 whole loop)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds; each times every model once, in turn (default 10; MAR: 3 whole loops)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto = bf16 autocast on GPUs, fp32 on CPU (default auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (on CPU it runs each model once more in a fresh process)")
@@ -55,6 +64,11 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    for option in ("sampling_steps", "head_steps", "rounds"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
     if args.trajectory is not None and args.trajectory < 1:
         raise ValueError(f"--trajectory must be at least 1 step, got {args.trajectory}")
     if args.curve is not None and args.curve.suffix.lower() != ".png":
@@ -69,6 +83,18 @@ def run(args: argparse.Namespace) -> int:
     if args.curve:
         return _run_curve(args, device, precision, load_options)
     models = [(spec, open_spec(spec, **load_options)) for spec in args.models]
+    masked = [is_masked(m) for _, m in models]
+    if any(masked):
+        if not all(masked):
+            mar = ", ".join(spec for (spec, _), m in zip(models, masked) if m)
+            raise ValueError(f"{mar}: MAR models are timed by their whole generation loop per image, DiT/SiT models per "
+                             "sampling step: bench them in separate runs")
+        return _run_mar(args, models, device, precision, load_options)
+    if args.head_steps is not None:
+        raise ValueError("--head-steps applies to MAR models only")
+    args.sampling_steps = args.sampling_steps or 250
+    args.warmup = 3 if args.warmup is None else args.warmup
+    args.rounds = args.rounds or 10
     if args.trajectory is None and any(varies_with_timestep(m) for _, m in models):
         raise ValueError("a dynamic (DyDiT) model's cost depends on the timestep: pass --trajectory STEPS "
                          "(e.g. --trajectory 50) to time whole sampling runs")
@@ -112,6 +138,67 @@ def format_table(results: list[SpeedResult], batch_size: int, cfg_scale: float, 
     return "\n".join(lines)
 
 
+def _run_mar(args: argparse.Namespace, models: list, device, precision: str, load_options: dict) -> int:
+    """MAR rows: whole generation loops per image, and where their time goes."""
+    if args.trajectory is not None or args.curve is not None:
+        raise ValueError(f"{'--trajectory' if args.trajectory is not None else '--curve'} applies to DiT/SiT models; a MAR "
+                         "model is always timed over whole generation loops (compare pruned folders or "
+                         "MAR-L:encoder_depth=...,decoder_depth=... side by side)")
+    warmup = 1 if args.warmup is None else args.warmup
+    rounds = args.rounds or 3
+    log(f"measuring the generation loop of {plural(len(models), 'MAR model')} at batch {args.batch_size} on {device} "
+        f"({precision}), {plural(warmup, 'warm-up loop')}, {plural(rounds, 'interleaved round')}")
+    results = measure_generation_speed(models, args.batch_size, cfg_scale=args.cfg_scale, num_iter=args.sampling_steps,
+                                       head_steps=args.head_steps, warmup=warmup, rounds=rounds, device=device,
+                                       precision=precision, progress=log)
+    if device.type == "cpu" and not args.no_memory:
+        loop = {"num_iter": results[0].num_iter, "head_steps": args.head_steps}
+        for result, spec in zip(results, args.models):
+            result.peak_memory_mib = process_peak_memory_mib(spec, args.batch_size, args.cfg_scale, precision, load_options, loop)
+    table = format_loop_table(results, args.batch_size, args.cfg_scale)
+    print(table)
+    machine = describe_machine(device, precision)
+    if args.out:
+        write_text_atomically(args.out, f"Machine: {machine}.\n\n{table}\n")
+        log(f"wrote {args.out}")
+    if args.json:
+        write_text_atomically(args.json, json.dumps({"machine": machine, "batch_size": args.batch_size, "cfg_scale": args.cfg_scale,
+                                                     "rows": [r.to_dict() for r in results]}, indent=2) + "\n")
+    return 0
+
+
+def format_loop_table(results: list[LoopSpeedResult], batch_size: int, cfg_scale: float) -> str:
+    """The MAR table: the whole loop per image, its parts (time and share), the speed-ups."""
+    def part(seconds: float, total: float) -> str:
+        return f"{seconds:,.3g} s ({seconds / total:.0%})"
+
+    lines = [
+        "| model | blocks (enc + dec) | parameters | FLOPs / image | s / image | in blocks | in head | rest | images/s "
+        "| peak memory (MiB) | speed-up, loop | speed-up, blocks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        memory = f"{r.peak_memory_mib:,.0f}" if r.peak_memory_mib is not None else "–"
+        total = r.seconds_per_image
+        lines.append(f"| {r.name} | {r.encoder_depth} + {r.decoder_depth} | {si(r.parameters)} | {si(r.flops_per_image)} | "
+                     f"{total:,.3g} ± {r.spread_s:,.2g} | {part(r.blocks_s, total)} | {part(r.head_s, total)} | "
+                     f"{part(r.rest_s, total)} | {r.images_per_s:.3g} | {memory} | **{r.speedup:.2f}x** | "
+                     f"**{r.block_speedup:.2f}x** |")
+    first = results[0]
+    if cfg_scale == 1.0:
+        guided = "without guidance"
+    elif first.guided:
+        guided = f"with guidance {cfg_scale:g} (the context and the head run on 2 x batch)"
+    else:
+        guided = f"without guidance (--cfg-scale {cfg_scale:g}, but the model has no null class)"
+    lines += ["", f"Whole generation loop: {first.num_iter} iterations, {first.head_steps} head DDPM steps per token, batch "
+              f"{batch_size}, {guided}. s / image = median over interleaved rounds (± half the interquartile range) of the "
+              "loop's time / batch; in blocks = encoder and decoder blocks, in head = the head's calls, rest = the "
+              "remainder (embeddings, masks, the DDPM arithmetic and noise), timed inside the same loops (the parts add "
+              "up to the total); speed-ups over the first model, of the loop and of the block part."]
+    return "\n".join(lines)
+
+
 def short_name(spec: str) -> str:
     """A model's name for a title: a folder's or file's own name, a named size as it is."""
     path = Path(str(spec).rstrip("/"))
@@ -127,6 +214,9 @@ def describe_machine(device: torch.device, precision: str) -> str:
 
 
 def _run_curve(args: argparse.Namespace, device, precision: str, load_options: dict) -> int:
+    args.sampling_steps = args.sampling_steps or 250
+    args.warmup = 3 if args.warmup is None else args.warmup
+    args.rounds = args.rounds or 10
     if len(args.models) != 1:
         raise ValueError("--curve measures one model against its depth- and width-pruned versions: give exactly one MODEL")
     try:

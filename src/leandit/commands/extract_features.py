@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
                    help="image folder; for class labels (and --captions class-names) in ImageNet layout: IMAGE_ROOT/CLASS/IMAGE.jpg, "
                    "labels follow the sorted class names")
     p.add_argument("--vae", type=Path, default=None,
-                   help="local diffusers AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema saved with save_pretrained); "
+                   help="local diffusers AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema saved with save_pretrained) or MAR's "
+                   "KL-16 file (kl16.ckpt); "
                    "needed for class labels, overrides the pipeline's vae/ for captions")
     text = p.add_argument_group("captioned images (text conditioning)")
     text.add_argument("--pipeline", type=Path, default=None,

@@ -43,10 +43,19 @@ def run(args: argparse.Namespace) -> int:
     config = getattr(adapter.model, "config", None)
     mlp = f", MLP x{config.mlp_ratio:g}" if hasattr(config, "mlp_ratio") else ""
     print(f"model       {info['source']}")
-    print(f"network     {c.family}, {c.depth} blocks, hidden {c.hidden_size}, {c.num_heads} heads{mlp}, "
-          f"patch {c.patch_size}, {info['tokens']} tokens")
+    mar = info.get("mar")
+    if mar is not None:
+        _print_mar_network(mar, c, info, mlp)
+    else:
+        print(f"network     {c.family}, {c.depth} blocks, hidden {c.hidden_size}, {c.num_heads} heads{mlp}, "
+              f"patch {c.patch_size}, {info['tokens']} tokens")
     print(f"input       {c.in_channels} x {c.input_size} x {c.input_size} ({c.space} space), conditioned on {c.conditioning.describe()}")
-    print(f"objective   {c.objective}" + (" with learned sigma" if c.learn_sigma else ""))
+    if mar is not None:
+        h = mar["head"]
+        print(f"objective   masked tokens (MAR): each unknown token denoised by the head on a {h['timesteps']}-step cosine "
+              f"schedule with learned sigma ({h['sampling_steps']} respaced steps when sampling)")
+    else:
+        print(f"objective   {c.objective}" + (" with learned sigma" if c.learn_sigma else ""))
     if inpaint is not None:
         s = info["inpainting"]
         print(f"inpainting  an inpainting variant: {s['extra_channels']} extra input channels through a patch embedding of "
@@ -54,8 +63,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"parameters  {info['parameters']:,} ({si(info['parameters'], digits=2)}) "
           f"+ {info['fixed_position_embedding']:,} fixed position-embedding values")
     dynamic = info.get("dynamic")
-    print(f"compute     {si(info['macs_per_forward'], 'MACs', 3)} = {si(info['flops_per_forward'], 'FLOPs', 3)} "
-          f"per forward at batch {args.batch_size}" + (" with every head, channel and token on" if dynamic else ""))
+    if mar is not None:
+        p = mar["parameters"]
+        print(f"            encoder blocks {si(p['encoder_blocks'], digits=2)}, decoder blocks {si(p['decoder_blocks'], digits=2)}, "
+              f"head {si(p['head'], digits=2)}, embeddings and norms {si(p['other'], digits=2)}")
+        g = mar["generation"]
+        m = g["macs_per_image"]
+        print(f"generation  {si(m['total'], 'MACs', 3)} per image ({g['num_iter']} iterations, {g['head_steps']} head steps; "
+              f"twice with guidance): blocks {m['blocks'] / m['total']:.1%}, head {m['head'] / m['total']:.1%}, "
+              f"embeddings {m['other'] / m['total']:.1%}")
+        print(f"compute     {si(info['macs_per_forward'], 'MACs', 3)} = {si(info['flops_per_forward'], 'FLOPs', 3)} "
+              f"per training forward at batch {args.batch_size} (the median mask ratio, each unknown token once in the head)")
+    else:
+        print(f"compute     {si(info['macs_per_forward'], 'MACs', 3)} = {si(info['flops_per_forward'], 'FLOPs', 3)} "
+              f"per forward at batch {args.batch_size}" + (" with every head, channel and token on" if dynamic else ""))
     if dynamic and dynamic.get("method") == "DiffCR":
         settings = dynamic["settings"]
         regions = settings["regions"]
@@ -86,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         line = f"compression {i}. {method}"
         if kept is not None:
             line += f": kept {len(kept)} of {record.get('source_depth', '?')} blocks {kept}"
+            by_list = record.get("kept_by_list")
+            if isinstance(by_list, dict) and len(by_list) > 1:
+                line += " (" + ", ".join(f"{name} {indices}" for name, indices in by_list.items()) + ")"
         elif method == "dydit":
             line += f": target {record.get('target')} of the MACs ({record.get('steps', '?')} steps, --mix {record.get('loss', {}).get('mix', '?')})"
         elif method == "diffcr":
@@ -101,3 +125,12 @@ def run(args: argparse.Namespace) -> int:
     if pruning_records(history):
         print(f"origins     its blocks are blocks {layer_origins(history, c.depth)} of the original model")
     return 0
+
+
+def _print_mar_network(mar: dict, c, info: dict, mlp: str) -> None:
+    e, d, h = mar["encoder"], mar["decoder"], mar["head"]
+    print(f"network     {c.family}, {c.depth} blocks: encoder {e['depth']} (hidden {e['hidden_size']}, {e['heads']} heads) + "
+          f"decoder {d['depth']} (hidden {d['hidden_size']}, {d['heads']} heads){mlp}, patch {c.patch_size}, "
+          f"{info['tokens']} tokens + {mar['buffer_size']} buffer")
+    print(f"head        diffusion MLP: {h['depth']} residual blocks of width {h['width']} per token "
+          f"(x{h['batch_mul']} noise draws per token in training)")

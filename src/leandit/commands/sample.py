@@ -12,17 +12,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones import Conditioning, backbone
-from ..diffusion import GaussianDiffusion, LinearFlow
+from ..diffusion import GaussianDiffusion, LinearFlow, MaskedDiffusion
 from ..data.vae import load_vae
 from ..diffusion import make_objective
 from ..evaluate.inpainting import InpaintingRun
 from ..models.inpaint import SPEC_HELP
 from ..evaluate.sample_run import PartPlan, assemble, check_settings, first_images, make_parts, write_settings
-from ..evaluate.sampling import check_sampling_options, generate, make_labels, save_grid, to_uint8_images
+from ..evaluate.sampling import (CFG_SCHEDULES, check_sampling_options, check_vae_fits, generate, latent_scale_of, make_labels,
+                                 masked_options, refuse_masked_only_options, save_grid, to_uint8_images)
 from ..train.distributed import barrier, setup_distributed, teardown_distributed
 from .common import add_model_options, duration, log, open_model, plural
 
-SAMPLERS = GaussianDiffusion.samplers + LinearFlow.samplers
+SAMPLERS = GaussianDiffusion.samplers + LinearFlow.samplers + MaskedDiffusion.samplers
 
 
 def add_parser(sub) -> None:
@@ -46,9 +47,20 @@ def add_parser(sub) -> None:
                    help="text-to-image models: the prompt embeddings from 'leandit encode-prompts' (image i gets prompt "
                    "i mod P; arr_1 of samples.npz holds the prompt numbers; guidance uses the file's empty prompt)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="ddpm or ddim for diffusion models, euler, heun or sde for flow models (default: ddim / heun)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50 for ddim and flow samplers, 250 for ddpm)")
+                   help="ddpm or ddim for diffusion models, euler, heun or sde for flow models, mar for MAR models "
+                   "(default: ddim / heun / mar)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: 50 for ddim and flow samplers, 250 for ddpm); for MAR the unmasking "
+                   "iterations, 1 to the number of tokens (default 64, or one per token when fewer)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale; 1 = no guidance (default 1)")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
+                   help="MAR: the guidance scale over the iterations: linear (1 rising to --cfg-scale as tokens are known, "
+                   "MAR's) or constant (default linear)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="MAR: multiplies the noise of the head's DDPM steps; 0 = the posterior means (default 1)")
+    p.add_argument("--head-steps", type=int, default=None,
+                   help="MAR: DDPM steps of the head per token, respaced from its training timesteps (default: the "
+                   "model's head_sampling_steps, 100 in MAR)")
     p.add_argument("--guided-channels", type=int, default=None,
                    help="guide only the first K prediction channels (the original DiT guides 3 of 4); default: all")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 = deterministic (default 0)")
@@ -79,6 +91,10 @@ def _check_plain_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.head_steps is not None and args.head_steps < 1:
+        raise ValueError(f"--head-steps must be at least 1, got {args.head_steps}")
+    if args.temperature is not None and not 0 <= args.temperature < float("inf"):
+        raise ValueError(f"--temperature must be 0 (the head's posterior means) or more, got {args.temperature:g}")
     if args.grid < 0:
         raise ValueError(f"--grid must be 0 (no grid) or a number of images, got {args.grid}")
     if args.grid_columns is not None and args.grid_columns < 1:
@@ -96,6 +112,10 @@ def _check_model_options(args: argparse.Namespace, spec, sampler: str, steps: in
     objective = make_objective(spec)
     if args.eta != 0 and sampler != "ddim":
         raise ValueError(f"--eta applies to DDIM only; this {spec.objective} model samples with {sampler}")
+    if objective.kind == "masked":
+        if args.guided_channels is not None:
+            raise ValueError("--guided-channels does not apply to MAR: guidance acts on every channel of the head's epsilon")
+        return  # --steps (iterations) and the head's options: checked by masked_options
     limit = getattr(objective, "num_timesteps", None)
     if limit is not None and steps > limit:
         raise ValueError(f"--steps must be at most {limit} (the model's diffusion timesteps), got {steps}")
@@ -122,11 +142,14 @@ def run(args: argparse.Namespace) -> int:
             if args.vae is None:
                 raise ValueError("this model generates VAE latents: pass --vae PATH (a local diffusers AutoencoderKL folder)")
             vae = load_vae(args.vae, dist.device)
+            check_vae_fits(vae, spec.in_channels, f"{args.model}")
         conditions = ImageConditions.for_model(spec.conditioning, args)
         # Everything is checked before anything is written; a default given explicitly is the
         # same setting as the default (the settings hold resolved values).
         sampler = check_sampling_options(spec, args.sampler, args.cfg_scale, conditions.conditioning)
-        steps = args.steps if args.steps is not None else (250 if sampler == "ddpm" else 50)
+        refuse_masked_only_options(spec, temperature=args.temperature, cfg_schedule=args.cfg_schedule, head_steps=args.head_steps)
+        mar = masked_options(spec, args.steps, args.temperature, args.cfg_schedule, args.head_steps) if spec.objective == "masked" else {}
+        steps = mar.pop("num_iter") if mar else args.steps if args.steps is not None else (250 if sampler == "ddpm" else 50)
         _check_model_options(args, spec, sampler, steps)
         guided_channels = None if args.guided_channels == spec.channels_to_guide else args.guided_channels
         labels = torch.from_numpy(inpaint.labels) if inpaint else conditions.labels(args.num_samples, args.seed)
@@ -137,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
             "sampler": sampler, "steps": steps, "cfg_scale": args.cfg_scale, "guided_channels": guided_channels,
             "eta": args.eta, "vae": str(args.vae) if args.vae else None, "part_size": args.part_size,
         }
+        if mar:  # MAR's own settings (absent for other models, whose older folders resume as before)
+            settings.update(mar)
         if args.prompts is not None:
             settings.update(prompts=str(args.prompts), prompts_files=_files_stamp(str(args.prompts)))
         if inpaint:
@@ -150,8 +175,9 @@ def run(args: argparse.Namespace) -> int:
                 return to_uint8_images(x, spec.space)
             x = generate(model, conditions.condition(labels[indices.start : indices.stop]), sampler=sampler, steps=steps,
                          cfg_scale=args.cfg_scale, guided_channels=guided_channels, eta=args.eta, seed=args.seed,
-                         indices=indices, batch_size=args.batch_size, progress=False, conditioning=conditions.conditioning)
-            return to_uint8_images(x, spec.space, vae)
+                         indices=indices, batch_size=args.batch_size, progress=False, conditioning=conditions.conditioning,
+                         **mar)
+            return to_uint8_images(x, spec.space, vae, scale=latent_scale_of(spec))
 
         started = time.perf_counter()
         mine = plan.parts_of(dist.rank, dist.world_size)

@@ -220,9 +220,9 @@ def _metadata(
     if class_names is not None:
         meta.update(num_classes=len(class_names), class_names=class_names)
     meta.update(
-        # Captioned folders come from pipelines whose VAE may scale otherwise (PixArt-Sigma's
-        # SDXL VAE: 0.13025); class-label folders keep the SD-VAE factor they always had.
-        scale_factor=LATENT_SCALE if text is None else float(vae_config.get("scaling_factor") or LATENT_SCALE),
+        # The VAE's own factor: 0.18215 for the SD VAEs of DiT/SiT/PixArt-alpha, 0.13025 for
+        # PixArt-Sigma's SDXL VAE, 0.2325 for MAR's KL-16; the SD factor when a config has none.
+        scale_factor=float(vae_config.get("scaling_factor") or LATENT_SCALE),
         resolution=int(resolution),
         seed=int(seed),
         vae=str(Path(vae_path).resolve()),

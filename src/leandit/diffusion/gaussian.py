@@ -80,7 +80,9 @@ def space_timesteps(num_timesteps: int, spec: int | str) -> list[int]:
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    # (logvar2 - logvar1) first: it is exactly 0 for equal variances, so the KL of two equal
+    # Gaussians is exactly 0 (adding -1 first rounds it in float32).
+    return 0.5 * ((logvar2 - logvar1) - 1.0 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:

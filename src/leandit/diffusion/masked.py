@@ -94,7 +94,10 @@ class MaskedTokens:
     noisy: torch.Tensor
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> "MaskedTokens":
-        """Moved (and floating tensors cast to `dtype`); the mask and indices keep their type."""
+        """Moved (and floating tensors cast to `dtype`); the mask and indices keep their type.
+        A dtype as the only argument casts, as `Tensor.to(torch.bfloat16)` does."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         return MaskedTokens(self.tokens.to(device=device, dtype=dtype), self.mask.to(device),
                             self.index.to(device), self.noisy.to(device=device, dtype=dtype))
 

@@ -181,6 +181,8 @@ class InpaintingRun:
             if layer is not None:
                 raise ValueError("this is an inpainting model: pass --inpaint MASKS --images IMAGES.npz|digits to complete images")
             return None
+        if layer is None and backbone(model).spec.objective == "masked":
+            raise ValueError("--inpaint/--images do not apply to MAR: leandit has no MAR inpainting sampler yet")
         if layer is None:
             raise ValueError(f"{args.model} is not an inpainting model, so it cannot take --inpaint/--images: "
                              f"fine-tune one with `leandit train --model {args.model} --inpaint --data ...`")

@@ -1,7 +1,10 @@
 """Generating images from a model: labels, seeded noise, guidance, decoding, files.
 
 Image i always gets the noise of its own seed (seed, i), so the same command gives the same
-images whatever the batch size.
+images whatever the batch size. A DiT/SiT is sampled by its objective's sampler calling the
+model once per step; a MAR model by its own unmasking loop (`MaskedDiffusion.generate`: the
+encoder/decoder once per iteration, the head's DDPM on the tokens each iteration predicts),
+whose order and head noise come from the same per-image streams.
 """
 
 from __future__ import annotations
@@ -67,6 +70,48 @@ def _device_of(cond: Cond) -> torch.device:
     return cond.device if isinstance(cond, torch.Tensor) else next(iter(cond.values())).device
 
 
+# MAR's generation settings: unmasking iterations (MAR's default 64; at most one per token),
+# the guidance schedule and the head's sampling temperature (MAR's defaults).
+MAR_ITERATIONS = 64
+CFG_SCHEDULES = ("linear", "constant")
+
+
+def masked_options(
+    spec: BackboneSpec,
+    steps: int | None = None,
+    temperature: float | None = None,
+    cfg_schedule: str | None = None,
+    head_steps: int | None = None,
+) -> dict:
+    """The resolved generation options of a MAR model ({"num_iter", "temperature",
+    "cfg_schedule", "head_steps"}), each checked; one-line errors in the CLI's words."""
+    config = spec.objective_config
+    tokens = config.num_tokens
+    if steps is not None and not 1 <= steps <= tokens:
+        raise ValueError(f"--steps for a MAR model is the number of unmasking iterations: 1 to its {tokens} tokens "
+                         f"(at least one token per iteration), got {steps}")
+    if temperature is not None and not (temperature >= 0 and temperature < float("inf")):
+        raise ValueError(f"--temperature must be 0 (the head's posterior means) or more, got {temperature:g}")
+    if cfg_schedule is not None and cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"--cfg-schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
+    if head_steps is not None and not 1 <= head_steps <= config.head_timesteps:
+        raise ValueError(f"--head-steps must be 1 to the head's {config.head_timesteps} training timesteps, got {head_steps}")
+    return {
+        "num_iter": steps if steps is not None else min(MAR_ITERATIONS, tokens),
+        "temperature": 1.0 if temperature is None else float(temperature),
+        "cfg_schedule": cfg_schedule or "linear",
+        "head_steps": head_steps if head_steps is not None else config.head_sampling_steps,
+    }
+
+
+def refuse_masked_only_options(spec: BackboneSpec, **given) -> None:
+    """MAR's own options (given = not None) on another model: a one-line error."""
+    named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+    if named and spec.objective != "masked":
+        raise ValueError(f"{', '.join(named)} {'applies' if len(named) == 1 else 'apply'} to MAR models only; "
+                         f"this is a {spec.family} ({spec.objective}) model")
+
+
 def check_sampling_options(
     spec: BackboneSpec, sampler: str | None, cfg_scale: float, conditioning: Conditioning | None = None
 ) -> str:
@@ -98,6 +143,9 @@ def generate(
     batch_size: int = 64,
     progress: bool = True,
     conditioning: Conditioning | None = None,
+    temperature: float | None = None,
+    cfg_schedule: str | None = None,
+    head_steps: int | None = None,
 ) -> torch.Tensor:
     """Samples in the model's own space (N, C, H, W): latents, or pixels in [-1, 1].
 
@@ -105,10 +153,24 @@ def generate(
     prompt embeddings {"text": (N, L, D), "text_mask": (N, L)} with `conditioning` carrying the
     empty prompt for guidance. `indices` are the global image numbers that seed each sample's
     noise (default 0..N-1). `eta` applies to DDIM only.
+
+    MAR models (objective "masked"): `steps` is the number of unmasking iterations (default
+    64, or one per token when fewer), `temperature` scales the head's DDPM step noise (0: the
+    posterior means), `cfg_schedule` is "linear" (MAR's) or "constant", `head_steps` the
+    head's respaced DDPM length (default the config's); these three are refused elsewhere.
     """
-    spec = backbone(model).spec
+    adapter = backbone(model)
+    spec = adapter.spec
     objective = make_objective(spec)
     sampler = check_sampling_options(spec, sampler, cfg_scale, conditioning)
+    refuse_masked_only_options(spec, temperature=temperature, cfg_schedule=cfg_schedule, head_steps=head_steps)
+    masked = objective.kind == "masked"
+    if masked:
+        mar = masked_options(spec, steps, temperature, cfg_schedule, head_steps)
+        if guided_channels is not None and guided_channels != spec.in_channels:
+            raise ValueError("--guided-channels does not apply to MAR: guidance acts on every channel of the head's epsilon")
+        if eta != 0:
+            raise ValueError("--eta applies to DDIM only; a MAR model samples with its own loop")
     device = next(model.parameters()).device
     count = cond_batch_size(labels)
     indices = list(range(count)) if indices is None else list(indices)
@@ -119,6 +181,9 @@ def generate(
     for start in tqdm(starts, disable=not progress, desc="sample", leave=False):
         y = cond_to(cond_slice(labels, slice(start, start + batch_size)), device)
         noise = PerSampleNoise(seed, indices[start : start + batch_size], device)
+        if masked:
+            chunks.append(adapter.generate(y, noise, cfg_scale=cfg_scale, **mar).float().cpu())
+            continue
         options = {"eta": eta} if objective.kind == "diffusion" else {}
         x = objective.sample(
             model_fn_for(model, y, cfg_scale, guided_channels, conditioning),
@@ -132,19 +197,45 @@ def generate(
     return torch.cat(chunks)
 
 
+def vae_latent_channels(vae) -> int | None:
+    """The latent channels a VAE decodes (its config's latent_channels), None if it does not say."""
+    value = getattr(getattr(vae, "config", None), "latent_channels", None)
+    return int(value) if value is not None else None
+
+
+def check_vae_fits(vae, channels: int, what: str = "this model") -> None:
+    """Refuse a VAE whose latents have another number of channels than the model generates
+    (an SD VAE's 4 for MAR's 16-channel KL-16 latents, or the reverse)."""
+    latent = vae_latent_channels(vae)
+    if latent is not None and latent != channels:
+        raise ValueError(f"the VAE decodes {latent}-channel latents but {what} generates {channels}-channel ones: "
+                         "pass the VAE the model was trained with (--vae PATH; MAR's is the 16-channel KL-16)")
+
+
+def latent_scale_of(spec: BackboneSpec) -> float | None:
+    """What the model's latents were multiplied by, when the model records it (MAR: its
+    config's latent_scale, 0.2325 for KL-16); None: the VAE's own scaling factor applies."""
+    return getattr(spec.objective_config, "latent_scale", None) if spec.objective == "masked" else None
+
+
 @torch.no_grad()
-def to_uint8_images(x: torch.Tensor, space: str, vae=None, batch_size: int = 32) -> np.ndarray:
+def to_uint8_images(x: torch.Tensor, space: str, vae=None, batch_size: int = 32, scale: float | None = None) -> np.ndarray:
     """Model-space samples -> uint8 images (N, H, W, C) in the ADM layout.
 
-    Pixel models: [-1, 1] -> 0..255. Latent models: decoded by the VAE first.
+    Pixel models: [-1, 1] -> 0..255. Latent models: decoded by the VAE first, after dividing
+    by `scale` (default: the VAE's config.scaling_factor; a MAR model passes its own
+    latent_scale, see `latent_scale_of`).
     """
     if space == "latent":
         if vae is None:
             raise ValueError("this model generates VAE latents: pass the VAE to decode them (--vae PATH)")
+        check_vae_fits(vae, x.shape[1], "the model")
         device = next(vae.parameters()).device
         # The VAE's own scaling factor (0.18215 for the SD VAEs of DiT/SiT/PixArt-alpha,
-        # 0.13025 for PixArt-Sigma's SDXL VAE): latents were multiplied by it when encoded.
-        scale = float(getattr(getattr(vae, "config", None), "scaling_factor", None) or LATENT_SCALE)
+        # 0.13025 for PixArt-Sigma's SDXL VAE, 0.2325 for MAR's KL-16): latents were
+        # multiplied by it when encoded.
+        if scale is None:
+            scale = float(getattr(getattr(vae, "config", None), "scaling_factor", None) or LATENT_SCALE)
         decoded = [
             vae.decode(x[i : i + batch_size].to(device) / scale).sample.float().cpu()
             for i in range(0, len(x), batch_size)

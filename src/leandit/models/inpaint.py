@@ -55,6 +55,9 @@ class InpaintModel(nn.Module):
 
     def __init__(self, inner: nn.Module, trained_masks: str | None = None):
         super().__init__()
+        if type(inner).__name__ == "MAR":
+            raise ValueError("inpainting fine-tuning does not apply to MAR: it already predicts unknown tokens from known "
+                             "ones (leandit has no MAR inpainting sampler yet)")
         if type(inner) is not DiT:
             name = type(inner).__name__
             raise ValueError(

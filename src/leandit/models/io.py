@@ -131,7 +131,7 @@ def load_model(
             )
         raise FileNotFoundError(
             f"model not found: {path} (pass a model folder, a diffusers transformer or pipeline folder, a DiT/SiT .pt "
-            "file or a shipped model's name such as digits-teacher)"
+            "file, a MAR checkpoint-last.pth or a shipped model's name such as digits-teacher)"
         )
     if path.is_dir():
         model = _load_folder(path, weights)

@@ -25,22 +25,13 @@ from ...backbones import find_adapter
 from ...models.blocks import list_ranges
 from .scheme import Scheme
 
-# Lists a model of an adapter's type must keep at least one block of, and why (by the
-# adapter's model_type; better declared by the adapter itself, see the report of issue 15).
-REQUIRED_LISTS: dict[str, dict[str, str]] = {
-    "mar": {
-        "decoder_blocks": "without decoder blocks the unknown tokens never see the known tokens or the class "
-        "(the mask token enters after the encoder), so each would be predicted from its position alone",
-    },
-}
-
-
 def required_lists(model: nn.Module) -> dict[str, str]:
-    """{list attribute: why it must keep a block} of `model`'s backbone (empty for most)."""
+    """{list attribute: why it must keep a block} of `model`'s backbone (empty for most): what
+    its adapter declares in `required_block_lists`."""
     adapter = find_adapter(model)
     if adapter is None:
         return {}
-    return dict(REQUIRED_LISTS.get(adapter.model_type, {}))
+    return dict(adapter.required_block_lists)
 
 
 def list_of(ranges: Sequence[tuple[str, int, int]], index: int) -> str:
@@ -115,5 +106,5 @@ def list_records(model: nn.Module) -> dict[str, Any]:
     return {name: stop - start for name, start, stop in list_ranges(model)}
 
 
-__all__ = ["REQUIRED_LISTS", "check_kept_lists", "check_scheme_lists", "crossing_groups", "describe_crossing",
+__all__ = ["check_kept_lists", "check_scheme_lists", "crossing_groups", "describe_crossing",
            "list_of", "list_records", "required_lists"]
