@@ -9,8 +9,8 @@ Pruning and recovery run through the commands a user runs (`leandit prune`, `lea
 finetune`), in process, one after another. Sampling: MAR's unmasking loop with the demo's
 settings (`leandit.demo.MAR_SAMPLING`), N class-balanced samples per model with the same
 seeds; digits-FID against the 1797 real digits and class agreement (an SVC on the real
-digits). MACs: counted while one image is generated, in all and in the encoder/decoder (the
-part depth pruning shrinks). Finished runs in --work are reused; prints a markdown table.
+digits). MACs: of generating one image with those settings, in the encoder and decoder blocks
+(the part depth pruning shrinks) and in all (`leandit.models.flops.mar_generation_macs`). Finished runs in --work are reused; prints a markdown table.
 """
 
 from __future__ import annotations
@@ -117,12 +117,12 @@ def main() -> None:
           f"--prune-steps {args.prune_steps} --recover-steps {args.recover_steps} --batch-size {args.batch_size} "
           f"--per-class {args.per_class}`.\n")
     print("| method | recovery | blocks kept | encoder + decoder | digits-FID | class agreement | "
-          "MMACs / image, encoder + decoder | MMACs / image, all | sampling s |")
+          "MMACs / image, blocks | MMACs / image, all | sampling s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, recovery, kept, depths, fid, agreement, macs, sampling in rows:
-        trunk = f"{macs['trunk'] / 1e6:.1f} ({macs['trunk'] / teacher_macs['trunk']:.0%})"
+        blocks = f"{macs['blocks'] / 1e6:.1f} ({macs['blocks'] / teacher_macs['blocks']:.0%})"
         total = f"{macs['total'] / 1e6:.1f} ({macs['total'] / teacher_macs['total']:.0%})"
-        print(f"| {name} | {recovery} | {kept} | {depths} | {fid:.2f} | {agreement:.1%} | {trunk} | {total} | "
+        print(f"| {name} | {recovery} | {kept} | {depths} | {fid:.2f} | {agreement:.1%} | {blocks} | {total} | "
               f"{sampling:.1f} |")
     guidance = "no guidance" if s["cfg_scale"] == 1 else f"guidance {s['cfg_scale']:g} (linear schedule)"
     print(f"\n{len(labels)} class-balanced samples per model, seed 0 (the same seeds for every model): MAR's unmasking "

@@ -364,19 +364,16 @@ def mar_samples(model, labels, *, num_iter: int, cfg_scale: float, temperature: 
     return torch.cat(chunks)
 
 
-def mar_generation_macs(model, **sampling: Any) -> dict[str, int]:
-    """MACs of generating one image (guidance included), counted while it runs: in all, and
-    in the encoder/decoder (the part depth pruning shrinks; the rest is the head's DDPM)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+def mar_generation_macs(model, *, num_iter: int, cfg_scale: float, head_steps: int | str | None, **_: Any) -> dict[str, int]:
+    """MACs of generating one image with these settings (guidance doubles every call): "blocks"
+    (the encoder and decoder blocks: what depth pruning shrinks), "head" (its DDPM on every
+    token), "other" and "total" (`leandit.models.flops.mar_generation_macs`)."""
+    from .diffusion.gaussian import space_timesteps
+    from .models.flops import mar_generation_macs as count
 
-    labels = torch.zeros(1, dtype=torch.long, device=next(model.parameters()).device)
-    with FlopCounterMode(display=False) as counter:
-        mar_samples(model, labels, **sampling, device=str(labels.device))
-    counts = counter.get_flop_counts()
-    total = int(counter.get_total_flops()) // 2
-    head = sum(counts.get("DiffusionHead", {}).values()) // 2
-    return {"total": total, "head": head, "trunk": total - head}
+    c = model.config
+    steps = c.head_sampling_steps if head_steps is None else len(space_timesteps(c.head_timesteps, head_steps))
+    return count(model, 1, num_iter=num_iter, head_steps=steps, guided=cfg_scale != 1.0)
 
 
 def _mar_info(model) -> dict[str, Any]:
@@ -488,7 +485,7 @@ def _mar_report(info: dict, rows: dict, s: MarDemoSettings, seconds: float) -> s
         + (f", lowest group confidence {confidence:.2f}" if confidence is not None else "")
         + ") and ShortGPT (`leandit prune --method shortgpt --keep 6`: the blocks that turn their input least go).",
         "",
-        "| method | blocks kept | encoder + decoder | params | MMACs / image (encoder + decoder) | MMACs / image (all) | "
+        "| method | blocks kept | encoder + decoder | params | MMACs / image (blocks) | MMACs / image (all) | "
         "digits-FID before recovery | digits-FID after | class agreement before | class agreement after | "
         "sampling s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -500,7 +497,7 @@ def _mar_report(info: dict, rows: dict, s: MarDemoSettings, seconds: float) -> s
         kept = str(row["kept"]) if "kept" in row else f"all {i['encoder_depth'] + i['decoder_depth']}"
         lines.append(
             f"| {name} | {kept} | {i['encoder_depth']} + {i['decoder_depth']} | {i['parameters'] / 1e6:.2f} M | "
-            f"{macs['trunk'] / 1e6:.1f} | {macs['total'] / 1e6:.1f} | "
+            f"{macs['blocks'] / 1e6:.1f} | {macs['total'] / 1e6:.1f} | "
             + (f"{before['digits_fid']:.2f}" if before else "–") + f" | {after['digits_fid']:.2f} | "
             + (f"{before['class_agreement']:.1%}" if before else "–") + f" | {after['class_agreement']:.1%} | "
             f"{after['sampling_seconds']:.1f} |")
@@ -511,9 +508,9 @@ def _mar_report(info: dict, rows: dict, s: MarDemoSettings, seconds: float) -> s
         f"{s.head_steps or 'default'} timesteps. digits-FID: the Frechet distance of a small CNN's features (shipped in "
         "`assets/digits-features`) between the samples and the 1797 real digits: comparable among these models only. "
         "Class agreement: the share of samples an SVC trained on the real digits puts in the class asked for. MACs: "
-        "counted while one image is generated; the head's DDPM (the same in every model) is most of them at this "
-        "size, so halving the blocks saves less of the total than of the encoder + decoder. Sampling s: wall time of "
-        "the samples on this machine.",
+        "of generating one image with these settings, in the encoder and decoder blocks and in all; the head's DDPM "
+        "(the same in every model) is most of them at this size, so halving the blocks saves less of the total. "
+        "Sampling s: wall time of the samples on this machine.",
         "",
         "Samples, one class per column (first 10 of each class):",
         "",
