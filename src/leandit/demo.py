@@ -325,10 +325,10 @@ class MarDemoSettings:
     """How much work each stage of the MAR demo does; the defaults fit in 10 minutes on a
     2-core CPU."""
 
-    prune_steps: int = 600
-    recover_steps: int = 300
+    prune_steps: int = 800  # training and samples as benchmarks/tinymar_digits.py's
+    recover_steps: int = 400
     batch_size: int = 64
-    samples_per_class: int = 50
+    samples_per_class: int = 100
     num_iter: int = MAR_SAMPLING["num_iter"]
     cfg_scale: float = MAR_SAMPLING["cfg_scale"]
     temperature: float = MAR_SAMPLING["temperature"]

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
         "and the sample grids. About 9 minutes on a 2-core CPU; finished stages are reused on a rerun. "
         "With --backbone mar, the same story on the embedded digits MAR teacher (TinyMAR): its 6 + 6 encoder/decoder "
         "blocks pruned to 3 + 3 by learnable 1:2 and by ShortGPT, each recovered with masked KD, every model sampled "
-        "by MAR's unmasking loop and scored the same way.",
+        "by MAR's unmasking loop and scored the same way (about 6 minutes on one CPU thread).",
     )
     p.add_argument("--backbone", choices=tuple(DEFAULT_OUT), default="dit",
                    help="dit = the digits DiT teacher (default); mar = the digits MAR teacher (TinyMAR)")
