@@ -113,7 +113,7 @@ def test_the_mar_demo_prunes_both_lists_recovers_scores_and_reports_then_reuses_
     assert [m for m in messages if "running" in m] == ["[recover-shortgpt] running ...", "[sample-shortgpt-recovered] running ..."]
 
 
-def test_the_mar_demo_command_checks_its_stages_and_keeps_out_of_a_dit_demo_folder(tmp_path, capsys):
+def test_the_mar_demo_command_checks_its_stages_and_each_demo_keeps_out_of_the_others_folder(tmp_path, capsys):
     from leandit.cli import main
 
     assert main(["demo", "--backbone", "mar", "--redo", "speed", "--out", str(tmp_path / "x")]) == 2
@@ -123,3 +123,9 @@ def test_the_mar_demo_command_checks_its_stages_and_keeps_out_of_a_dit_demo_fold
     (dit / "state.json").write_text(json.dumps({"teacher": {"settings": {}, "result": {"family": "DiT"}, "finished": "x"}}))
     with pytest.raises(ValueError, match="holds the DiT demo's results"):
         run_mar_demo(dit, progress=False, log=lambda m: None, settings=MAR_TINY)
+    mar = tmp_path / "mar"
+    mar.mkdir()
+    (mar / "state.json").write_text(json.dumps({"teacher": {"settings": {}, "result": {"family": "MAR"}, "finished": "x"}}))
+    with pytest.raises(ValueError, match="holds the MAR demo's results"):
+        run_demo(mar, progress=False, log=lambda m: None, settings=TINY)
+    assert sorted(p.name for p in mar.iterdir()) == ["state.json"]  # refused before any work

@@ -137,6 +137,9 @@ def run_demo(
     started = time.perf_counter()
     stages = Stages(Path(out), set(redo), log)
     folder = stages.folder
+    if stages.state.get("teacher", {}).get("result", {}).get("family") == "MAR":
+        raise ValueError(f"--out {folder} holds the MAR demo's results: pass another folder (the DiT demo's default is "
+                         "demo-output)")
     teacher_dir = digits_teacher_path()
     teacher = load_model(teacher_dir, device=device)
     # Settings name the teacher's weights by hash, so a rebuilt teacher reruns every stage.
