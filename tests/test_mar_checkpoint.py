@@ -408,8 +408,6 @@ def test_cli_errors_on_a_damaged_release_file(tmp_path, mar_l_file):
     assert len(lines) == 1 and "checkpoint-last.pth: not a readable PyTorch checkpoint" in lines[0], result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="core: forward_flops runs the model on the meta device and MAR.encode's boolean-mask "
-                                       "indexing (src/leandit/models/mar.py:216) has no meta kernel; `leandit info` of any MAR fails")
 def test_info_prints_a_release_file(mar_l_file):
     result = run_cli("info", str(mar_l_file))
     assert result.returncode == 0, result.stderr
