@@ -15,7 +15,7 @@ import torch
 import leandit
 from leandit.cli import main
 from leandit.diffusion import GaussianDiffusion, PerSampleNoise, mix_seed
-from leandit.diffusion.masked import guidance_at, patchify, unknown_after_step
+from leandit.diffusion.masked import MaskedDiffusion, guidance_at, patchify, unknown_after_step
 from leandit.evaluate.feature_nets import read_images
 from leandit.evaluate.sampling import generate, to_uint8_images
 from leandit.evaluate.speed import LoopProfile, generation_loop, measure_generation_speed
@@ -144,7 +144,8 @@ def test_each_iteration_guides_with_the_scale_of_its_schedule(monkeypatch, sched
 def reference_head_means(model: MAR, z: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Tensor:
     """The head's DDPM at temperature 0 by hand (float64): the cosine schedule of 1000 steps
     (ADM's alpha_bar, betas capped at 0.999), respaced to `steps` evenly spaced timesteps with
-    both ends; x_{t-1} = the posterior mean given the predicted x0 at every step."""
+    both ends; x_{t-1} = the posterior mean given the predicted x0 at every step (x0 clamped to
+    [-1, 1] for a pixel-space model, whose tokens are images)."""
     T = 1000
     alpha_bar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     betas = np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)])
@@ -157,15 +158,18 @@ def reference_head_means(model: MAR, z: torch.Tensor, x: torch.Tensor, steps: in
         beta = 1 - ac / ac_prev
         eps = model.head(x, torch.full((x.shape[0],), kept[k]), z)[:, :c].double()
         x0 = x / math.sqrt(ac) - math.sqrt(1 / ac - 1) * eps
+        if model.config.space == "pixel":
+            x0 = x0.clamp(-1, 1)
         x = beta * math.sqrt(ac_prev) / (1 - ac) * x0 + (1 - ac_prev) * math.sqrt(1 - beta) / (1 - ac) * x
     return x
 
 
-def test_temperature_zero_is_the_head_posterior_mean_path():
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_temperature_zero_is_the_head_posterior_mean_path(space):
     """One iteration (every token predicted from the all-unknown context): at temperature 0
     each token is the head's DDPM mean path from its start noise, the second draw of its
-    image's stream (the first is the order)."""
-    model = tiny_mar(seed=1).double()
+    image's stream (the first is the order); pixel-space heads clamp their x0."""
+    model = tiny_mar(seed=1, space=space).double()
     c = model.config
     labels, indices, seed = torch.tensor([3, 7]), [5, 9], 11
     with torch.no_grad():
@@ -398,8 +402,9 @@ def test_sample_refuses_options_that_do_not_fit_before_writing(folders, tmp_path
     mar = ["sample", str(folders / "full"), "--out", str(out), "--device", "cpu", "--quiet"]
     assert "does not fit a masked model" in one_line_error([*mar, "--sampler", "ddim"], capsys)
     assert "1 to its 16 tokens" in one_line_error([*mar, "--steps", "17"], capsys)
-    assert "--head-steps must be at least 1" in one_line_error([*mar, "--head-steps", "0"], capsys)
-    assert "--head-steps must be 1 to the head's 1000" in one_line_error([*mar, "--head-steps", "1001"], capsys)
+    for bad in ("0", "1001", "ddim0", "fast", "10,x"):
+        assert f"--head-steps must be a step count 1..1000, 'ddimN' or comma-separated counts per section, got '{bad}'" in \
+            one_line_error([*mar, "--head-steps", bad], capsys)
     assert "--temperature must be 0" in one_line_error([*mar, "--temperature", "-0.1"], capsys)
     assert "--guided-channels does not apply to MAR" in one_line_error([*mar, "--guided-channels", "1"], capsys)
     assert "--eta applies to DDIM only" in one_line_error([*mar, "--eta", "0.3"], capsys)
@@ -494,3 +499,20 @@ def test_info_shows_the_encoder_decoder_and_head(folders, capsys):
     assert info["flops_per_forward"] > 0
     assert main(["info", TINY_SPEC]) == 0  # a named size on the meta device
     assert "encoder 2 (hidden 32" in capsys.readouterr().out
+
+
+def test_head_spacings_as_counts_strides_or_sections():
+    from leandit.diffusion.masked import head_spacing, head_step_count
+
+    assert head_spacing("100", 1000) == 100 and head_spacing(25, 1000) == 25
+    assert head_spacing("ddim50", 1000) == "ddim50" and head_step_count("ddim50", 1000) == 50
+    assert head_step_count("10,20", 1000) == 30
+    # a stride spacing runs the head on 980, 960, ..., 0 (the digits teacher's), a count from 999
+    process = MaskedDiffusion(2, 1).head.respaced(head_spacing("ddim50", 1000))
+    assert process.timestep_map == list(range(0, 1000, 20))
+    assert MaskedDiffusion(2, 1).head.respaced(head_spacing("100", 1000)).timestep_map[-1] == 999
+    model = tiny_mar()
+    with torch.no_grad():
+        a = leandit.backbones.backbone(model).generate(torch.tensor([1]), PerSampleNoise(0, [0]), num_iter=2, head_steps="ddim5")
+        b = leandit.backbones.backbone(model).generate(torch.tensor([1]), PerSampleNoise(0, [0]), num_iter=2, head_steps=5)
+    assert a.shape == b.shape and not torch.allclose(a, b)

@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--sampling-steps", type=int, default=None,
                    help="steps of a full sampling run, for images/s (default 250, DiT's DDPM); MAR: the unmasking "
                    "iterations of the timed loop (default 64, or one per token when fewer)")
-    p.add_argument("--head-steps", type=int, default=None, help="MAR: the head's DDPM steps per token (default: the model's, 100 in MAR)")
+    p.add_argument("--head-steps", default=None, help="MAR: the head's DDPM steps per token: a count, 'ddimN' or counts "
+                   "per section (default: the model's, 100 in MAR)")
     p.add_argument("--trajectory", type=int, metavar="STEPS",
                    help="time whole sampling runs of STEPS steps (DDIM for diffusion models, Euler for flow models, from "
                    "fixed noise) and report the mean per step; FLOPs are then counted from what each model ran. Needed "
@@ -64,7 +65,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    for option in ("sampling_steps", "head_steps", "rounds"):
+    for option in ("sampling_steps", "rounds"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.warmup is not None and args.warmup < 0:

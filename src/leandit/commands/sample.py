@@ -58,9 +58,9 @@ def add_parser(sub) -> None:
                    "MAR's) or constant (default linear)")
     p.add_argument("--temperature", type=float, default=None,
                    help="MAR: multiplies the noise of the head's DDPM steps; 0 = the posterior means (default 1)")
-    p.add_argument("--head-steps", type=int, default=None,
-                   help="MAR: DDPM steps of the head per token, respaced from its training timesteps (default: the "
-                   "model's head_sampling_steps, 100 in MAR)")
+    p.add_argument("--head-steps", default=None,
+                   help="MAR: DDPM steps of the head per token, respaced from its training timesteps: a count, 'ddimN' "
+                   "(a constant stride) or counts per section (default: the model's head_sampling_steps, 100 in MAR)")
     p.add_argument("--guided-channels", type=int, default=None,
                    help="guide only the first K prediction channels (the original DiT guides 3 of 4); default: all")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 = deterministic (default 0)")
@@ -91,8 +91,6 @@ def _check_plain_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
-    if args.head_steps is not None and args.head_steps < 1:
-        raise ValueError(f"--head-steps must be at least 1, got {args.head_steps}")
     if args.temperature is not None and not 0 <= args.temperature < float("inf"):
         raise ValueError(f"--temperature must be 0 (the head's posterior means) or more, got {args.temperature:g}")
     if args.grid < 0:

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .gaussian import GaussianDiffusion
+from .gaussian import GaussianDiffusion, space_timesteps
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -80,6 +80,25 @@ def guidance_at(cfg_scale: float, schedule: str, seq_len: int, unknown_after: in
     if schedule == "linear":
         return 1.0 + (cfg_scale - 1.0) * (seq_len - unknown_after) / seq_len
     raise ValueError(f"unknown guidance schedule {schedule!r}; choose 'linear' or 'constant'")
+
+
+def head_spacing(spec: int | str, head_timesteps: int) -> int | str:
+    """A head respacing given on the command line or in Python: a step count ("100", 100),
+    "ddimN" (a constant stride) or counts per section ("10,15,20"), checked against the head's
+    training timesteps; returns an int for a plain count. One-line ValueError otherwise."""
+    text = str(spec).strip()
+    value: int | str = int(text) if text.isdigit() else text
+    try:
+        space_timesteps(head_timesteps, value)
+    except (ValueError, TypeError):
+        raise ValueError(f"--head-steps must be a step count 1..{head_timesteps}, 'ddimN' or comma-separated counts per "
+                         f"section, got {spec!r}") from None
+    return value
+
+
+def head_step_count(spec: int | str, head_timesteps: int) -> int:
+    """How many DDPM steps the head runs per token under the respacing `spec`."""
+    return len(space_timesteps(head_timesteps, head_spacing(spec, head_timesteps)))
 
 
 @dataclass
@@ -230,6 +249,10 @@ class MaskedDiffusion:
         the start and every DDPM step's (times `temperature`)."""
         process = process or self.head.respaced(self.head_sampling_steps)
         c = self.channels * self.patch_size**2
+        # Pixel-space tokens are images in [-1, 1]: the head's x0 is clamped there, as leandit's
+        # pixel-space DiT samplers do; without it a small head's error at t = 999 (times 316 in
+        # the first step of the respaced cosine schedule) throws tokens off for good.
+        clip = getattr(getattr(model, "config", None), "space", "latent") == "pixel"
         both = torch.cat([z, unconditional]) if unconditional is not None else None
 
         def head_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -240,7 +263,7 @@ class MaskedDiffusion:
             eps = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
             return torch.cat([eps, cond[:, c:]], dim=1)
 
-        return process.sample(head_fn, noise, sampler="ddpm", temperature=temperature)
+        return process.sample(head_fn, noise, sampler="ddpm", temperature=temperature, clip_denoised=clip)
 
     @torch.no_grad()
     def generate(self, model: Any, labels: torch.Tensor, noise, *, num_iter: int = 64, cfg_scale: float = 1.0,
@@ -261,7 +284,7 @@ class MaskedDiffusion:
         n = labels.shape[0]
         device = labels.device
         dtype = next(model.parameters()).dtype
-        head = self.head.respaced(head_steps or self.head_sampling_steps)
+        head = self.head.respaced(head_spacing(head_steps or self.head_sampling_steps, self.num_timesteps))
         order = noise.randn((seq_len,)).argsort(dim=1).to(device)  # (N, L)
         tokens = torch.zeros(n, seq_len, c, device=device, dtype=dtype)
         unknown = seq_len
@@ -295,5 +318,5 @@ class MaskedDiffusion:
         return unpatchify(tokens.float(), self.patch_size, self.channels)
 
 
-__all__ = ["MaskedDiffusion", "MaskedDraw", "MaskedTokens", "guidance_at", "patchify", "truncated_mask_ratio",
+__all__ = ["MaskedDiffusion", "MaskedDraw", "MaskedTokens", "guidance_at", "head_spacing", "head_step_count", "patchify", "truncated_mask_ratio",
            "unknown_after_step", "unpatchify"]

@@ -81,7 +81,7 @@ def masked_options(
     steps: int | None = None,
     temperature: float | None = None,
     cfg_schedule: str | None = None,
-    head_steps: int | None = None,
+    head_steps: int | str | None = None,
 ) -> dict:
     """The resolved generation options of a MAR model ({"num_iter", "temperature",
     "cfg_schedule", "head_steps"}), each checked; one-line errors in the CLI's words."""
@@ -94,8 +94,10 @@ def masked_options(
         raise ValueError(f"--temperature must be 0 (the head's posterior means) or more, got {temperature:g}")
     if cfg_schedule is not None and cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"--cfg-schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
-    if head_steps is not None and not 1 <= head_steps <= config.head_timesteps:
-        raise ValueError(f"--head-steps must be 1 to the head's {config.head_timesteps} training timesteps, got {head_steps}")
+    if head_steps is not None:
+        from ..diffusion.masked import head_spacing
+
+        head_steps = head_spacing(head_steps, config.head_timesteps)
     return {
         "num_iter": steps if steps is not None else min(MAR_ITERATIONS, tokens),
         "temperature": 1.0 if temperature is None else float(temperature),
@@ -145,7 +147,7 @@ def generate(
     conditioning: Conditioning | None = None,
     temperature: float | None = None,
     cfg_schedule: str | None = None,
-    head_steps: int | None = None,
+    head_steps: int | str | None = None,
 ) -> torch.Tensor:
     """Samples in the model's own space (N, C, H, W): latents, or pixels in [-1, 1].
 

@@ -409,7 +409,7 @@ class LoopSpeedResult:
     images_per_s: float
     peak_memory_mib: float | None
     num_iter: int
-    head_steps: int
+    head_steps: int | str
     guided: bool
     step_stride: int = 1  # 1: every step ran; k: every k-th step ran and stands for k (an estimate)
     macs_coverage: float = 1.0  # MACs of the steps run x stride / MACs of the whole loop
@@ -425,7 +425,7 @@ class LoopSpeedResult:
 
 
 def generation_loop(model: nn.Module, batch_size: int, cfg_scale: float, device: torch.device | str, *,
-                    num_iter: int, head_steps: int | None = None, seed: int = 0) -> Callable[[], torch.Tensor]:
+                    num_iter: int, head_steps: int | str | None = None, seed: int = 0) -> Callable[[], torch.Tensor]:
     """A no-argument callable running MAR's whole generation loop for `batch_size` fixed
     labels and the per-image noise of `seed` (the same images at every call)."""
     adapter = backbone(model)
@@ -447,7 +447,7 @@ def measure_generation_speed(
     *,
     cfg_scale: float = 1.0,
     num_iter: int | None = None,
-    head_steps: int | None = None,
+    head_steps: int | str | None = None,
     warmup: int = 1,
     rounds: int = 3,
     device: torch.device | str = "cpu",
@@ -481,8 +481,10 @@ def measure_generation_speed(
     for (name, _), c in zip(models, configs):
         if not 1 <= num_iter <= c.num_tokens:
             raise ValueError(f"{name}: MAR generation needs 1 to {c.num_tokens} iterations, got {num_iter}")
-        if head_steps is not None and not 1 <= head_steps <= c.head_timesteps:
-            raise ValueError(f"{name}: --head-steps must be 1 to the head's {c.head_timesteps} timesteps, got {head_steps}")
+        if head_steps is not None:
+            from ..diffusion.masked import head_spacing
+
+            head_spacing(head_steps, c.head_timesteps)  # a one-line error for a bad spacing
     if step_stride > 1 and num_iter % step_stride:
         raise ValueError(f"the step stride {step_stride} must divide the {num_iter} iterations")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -145,7 +145,7 @@ class _MetaCounter:
         return self._count(("head", rows), lambda: self.model.head(x, t, z))
 
 
-def mar_step_macs(model: nn.Module, batch_size: int = 1, *, num_iter: int = 64, head_steps: int | None = None,
+def mar_step_macs(model: nn.Module, batch_size: int = 1, *, num_iter: int = 64, head_steps: int | str | None = None,
                   guided: bool = False) -> list[dict[str, int]]:
     """MACs of each step of MAR's generation loop for `batch_size` images: the schedule's
     entries (`generation_schedule`) with "blocks", "head" and "other" added (see
@@ -154,7 +154,9 @@ def mar_step_macs(model: nn.Module, batch_size: int = 1, *, num_iter: int = 64, 
 
     inner = backbone(model).model
     c = inner.config
-    head_steps = head_steps or c.head_sampling_steps
+    from ..diffusion.masked import head_step_count
+
+    head_steps = head_step_count(head_steps or c.head_sampling_steps, c.head_timesteps)
     n = 2 * batch_size if guided else batch_size
     counter = _MetaCounter(inner)
     return [{**s, "blocks": counter.encoder(n, s["known"]) + counter.decoder(n), "other": counter.other(n, s["known"]),
@@ -162,7 +164,7 @@ def mar_step_macs(model: nn.Module, batch_size: int = 1, *, num_iter: int = 64, 
             for s in generation_schedule(num_iter, c.num_tokens)]
 
 
-def mar_generation_macs(model: nn.Module, batch_size: int = 1, *, num_iter: int = 64, head_steps: int | None = None,
+def mar_generation_macs(model: nn.Module, batch_size: int = 1, *, num_iter: int = 64, head_steps: int | str | None = None,
                         guided: bool = False) -> dict[str, int]:
     """MACs of MAR's whole generation loop for `batch_size` images: "blocks" (encoder and
     decoder blocks over every step), "head" (every DDPM step of the head on every predicted
