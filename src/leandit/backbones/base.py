@@ -201,4 +201,42 @@ class Backbone(ABC):
         return ("model.safetensors", "ema.safetensors")
 
 
-__all__ = ["OBJECTIVES", "SPACES", "Backbone", "BackboneSpec"]
+class OwnNetworkBackbone(Backbone):
+    """The adapter of one of leandit's own networks (DiT/SiT, MAR): the folder's config.json
+    holds the network's config dataclass under "config", model.safetensors its state dict.
+
+    Subclasses set `config_class` and implement `from_state_dict(config, state_dict, source)`."""
+
+    config_class: ClassVar[type]
+
+    @classmethod
+    @abstractmethod
+    def from_state_dict(cls, config: Any, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+        """The network of `config` adopting the tensors (strict)."""
+
+    def describe(self) -> dict[str, Any]:
+        return self.model.config.to_dict()
+
+    def write_files(self, folder: Path, meta: Mapping[str, Any]) -> None:
+        import json
+
+        from ..models.io import save_tensors
+
+        config = {"format": "leandit-model", "format_version": 1, "model_type": self.model_type,
+                  "config": self.model.config.to_dict(), **meta}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_tensors(self.model.state_dict(), folder / "model.safetensors")
+
+    @classmethod
+    def read_files(cls, folder: Path, meta: Mapping[str, Any], weights_file: Path) -> nn.Module:
+        from ..models.infer import CheckpointError
+        from ..models.io import read_safetensors
+
+        try:
+            config = cls.config_class.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{folder / 'config.json'}: bad config ({err})") from None
+        return cls.from_state_dict(config, read_safetensors(weights_file), str(weights_file))
+
+
+__all__ = ["OBJECTIVES", "SPACES", "Backbone", "BackboneSpec", "OwnNetworkBackbone"]

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..models.config import DiTConfig
 from ..models.dit import DiT
-from .base import Backbone, BackboneSpec
+from .base import BackboneSpec, OwnNetworkBackbone
 from .conditioning import ClassLabels, Cond
 
-LEANDIT_FORMAT = "leandit-model"
-
-
-class DiTBackbone(Backbone):
+class DiTBackbone(OwnNetworkBackbone):
     """`DiT.blocks` run as `block(x, c)`; `model(x, t, y)` returns the prediction tensor."""
 
     model_type = "dit"
+    config_class = DiTConfig
     block_list_names = ("blocks",)
 
     @classmethod
@@ -57,24 +52,8 @@ class DiTBackbone(Backbone):
     def set_depth(self, depth: int) -> None:
         self.model.config = self.model.config.replace(depth=depth)
 
-    def describe(self) -> dict[str, Any]:
-        return self.model.config.to_dict()
-
-    def write_files(self, folder: Path, meta: Mapping[str, Any]) -> None:
-        from ..models.io import save_tensors
-
-        config = {"format": LEANDIT_FORMAT, "format_version": 1, "model_type": self.model_type,
-                  "config": self.model.config.to_dict(), **meta}
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_tensors(self.model.state_dict(), folder / "model.safetensors")
-
     @classmethod
-    def read_files(cls, folder: Path, meta: Mapping[str, Any], weights_file: Path) -> nn.Module:
-        from ..models.infer import CheckpointError
-        from ..models.io import model_from_state_dict, read_safetensors
+    def from_state_dict(cls, config: DiTConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+        from ..models.io import model_from_state_dict
 
-        try:
-            config = DiTConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{folder / 'config.json'}: bad config ({err})") from None
-        return model_from_state_dict(config, read_safetensors(weights_file), source=str(weights_file))
+        return model_from_state_dict(config, state_dict, source=source)

@@ -14,8 +14,6 @@ What the interface asks and how MAR answers it:
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -23,16 +21,14 @@ from torch import nn
 
 from ..models.mar import MAR
 from ..models.mar_config import MARConfig
-from .base import Backbone, BackboneSpec
+from .base import BackboneSpec, OwnNetworkBackbone
 from .conditioning import ClassLabels, Cond
 
-LEANDIT_FORMAT = "leandit-model"
-
-
-class MARBackbone(Backbone):
+class MARBackbone(OwnNetworkBackbone):
     """`MAR.encoder_blocks` + `MAR.decoder_blocks`, each block called as `block(x)`."""
 
     model_type = "mar"
+    config_class = MARConfig
     block_list_names = ("encoder_blocks", "decoder_blocks")
     # Removing every encoder block is fine (the decoder still attends over buffer and known tokens).
     required_block_lists = {
@@ -97,28 +93,9 @@ class MARBackbone(Backbone):
         objective = MaskedDiffusion.for_config(self.model.config)
         return objective.generate(self.model, labels, noise, null_label=self.model.null_class, **options)
 
-    def describe(self) -> dict[str, Any]:
-        return self.model.config.to_dict()
-
-    # -- the model folder ------------------------------------------------------------------
-    def write_files(self, folder: Path, meta: Mapping[str, Any]) -> None:
-        from ..models.io import save_tensors
-
-        config = {"format": LEANDIT_FORMAT, "format_version": 1, "model_type": self.model_type,
-                  "config": self.model.config.to_dict(), **meta}
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_tensors(self.model.state_dict(), folder / "model.safetensors")
-
     @classmethod
-    def read_files(cls, folder: Path, meta: Mapping[str, Any], weights_file: Path) -> nn.Module:
-        from ..models.infer import CheckpointError
-        from ..models.io import read_safetensors
-
-        try:
-            config = MARConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{folder / 'config.json'}: bad MAR config ({err})") from None
-        return mar_from_state_dict(config, read_safetensors(weights_file), source=str(weights_file))
+    def from_state_dict(cls, config: MARConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+        return mar_from_state_dict(config, state_dict, source)
 
 
 def mar_from_state_dict(config: MARConfig, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> MAR:
