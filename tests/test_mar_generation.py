@@ -516,3 +516,22 @@ def test_head_spacings_as_counts_strides_or_sections():
         a = leandit.backbones.backbone(model).generate(torch.tensor([1]), PerSampleNoise(0, [0]), num_iter=2, head_steps="ddim5")
         b = leandit.backbones.backbone(model).generate(torch.tensor([1]), PerSampleNoise(0, [0]), num_iter=2, head_steps=5)
     assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+def test_masked_tokens_cast_with_a_dtype_alone_and_keep_their_integer_parts():
+    from leandit.diffusion.masked import MaskedTokens
+
+    inputs = MaskedTokens(torch.zeros(2, 4, 3), torch.zeros(2, 4, dtype=torch.bool), torch.zeros(2, 5, dtype=torch.long),
+                          torch.zeros(2, 5, 3))
+    cast = inputs.to(torch.float64)  # as Tensor.to(dtype): not taken for a device
+    assert cast.tokens.dtype == cast.noisy.dtype == torch.float64
+    assert cast.mask.dtype == torch.bool and cast.index.dtype == torch.long
+    assert inputs.to("cpu", torch.float16).tokens.dtype == torch.float16
+
+
+def test_the_kl_of_two_equal_gaussians_is_exactly_zero():
+    from leandit.diffusion.gaussian import normal_kl
+
+    mean = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    logvar = torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 3
+    assert torch.equal(normal_kl(mean, logvar, mean, logvar), torch.zeros(1000))
