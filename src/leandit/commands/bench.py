@@ -108,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
         for result, spec in zip(results, args.models):
             result.peak_memory_mib = process_peak_memory_mib(spec, args.batch_size, args.cfg_scale, precision, load_options)
     table = format_table(results, args.batch_size, args.cfg_scale, args.sampling_steps, args.trajectory)
+    return write_results(args, results, table, device, precision)
+
+
+
+def write_results(args: argparse.Namespace, results: list, table: str, device: torch.device, precision: str) -> int:
+    """Print the table and write --out (markdown with the machine) and --json (the rows)."""
     print(table)
     machine = describe_machine(device, precision)
     if args.out:
@@ -115,9 +121,8 @@ def run(args: argparse.Namespace) -> int:
         log(f"wrote {args.out}")
     if args.json:
         write_text_atomically(args.json, json.dumps({"machine": machine, "batch_size": args.batch_size, "cfg_scale": args.cfg_scale,
-                                      "rows": [r.to_dict() for r in results]}, indent=2) + "\n")
+                                                     "rows": [r.to_dict() for r in results]}, indent=2) + "\n")
     return 0
-
 
 def format_table(results: list[SpeedResult], batch_size: int, cfg_scale: float, sampling_steps: int,
                  trajectory: int | None = None) -> str:
@@ -157,15 +162,7 @@ def _run_mar(args: argparse.Namespace, models: list, device, precision: str, loa
         for result, spec in zip(results, args.models):
             result.peak_memory_mib = process_peak_memory_mib(spec, args.batch_size, args.cfg_scale, precision, load_options, loop)
     table = format_loop_table(results, args.batch_size, args.cfg_scale)
-    print(table)
-    machine = describe_machine(device, precision)
-    if args.out:
-        write_text_atomically(args.out, f"Machine: {machine}.\n\n{table}\n")
-        log(f"wrote {args.out}")
-    if args.json:
-        write_text_atomically(args.json, json.dumps({"machine": machine, "batch_size": args.batch_size, "cfg_scale": args.cfg_scale,
-                                                     "rows": [r.to_dict() for r in results]}, indent=2) + "\n")
-    return 0
+    return write_results(args, results, table, device, precision)
 
 
 def format_loop_table(results: list[LoopSpeedResult], batch_size: int, cfg_scale: float) -> str:
