@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
+
 from .assets import digits_mar_teacher_path, digits_teacher_path
 from .backbones import backbone
 from .cli import main as leandit_main
@@ -157,52 +160,13 @@ def run_demo(
         labels = make_labels(s.samples_per_class * classes, classes)
         x = generate(model, labels, sampler=SAMPLER, steps=s.sampling_steps, cfg_scale=CFG_SCALE, seed=0, batch_size=250,
                      progress=progress)
-        images = to_uint8_images(x, spec.space)
-        # "oracle pruned" and "oracle recovered" must not share files: the pruned ones say so.
-        slug = _slug(name) + ("-pruned" if name.endswith(" pruned") else "")
-        save_npz(folder / f"{slug}_samples.npz", images, labels.numpy())
-        save_grid(folder / f"{slug}_grid.png", images[: 10 * classes], ncols=classes,  # one class per column
-                  column_labels=[str(c) for c in range(classes)])
-        metrics = all_metrics(extract_features(feature_net, images, progress=False), reference)
-        return {"digits_" + k: v for k, v in metrics.items()} | {
-            "class_agreement": class_agreement(to_digits_range(x), labels.numpy()), "samples": len(labels),
-            "grid": f"{slug}_grid.png", "description": describe(model),
-        }
+        scores = _save_and_score(folder, name, x, to_uint8_images(x, spec.space), labels, classes, feature_net, reference)
+        return scores | {"description": describe(model)}
 
     sample = {"per_class": s.samples_per_class, "sampler": SAMPLER, "steps": s.sampling_steps, "cfg_scale": CFG_SCALE, "seed": 0}
     rows = {"teacher": {"after": stages.run("sample-teacher", {"model": teacher_id, **sample},
                                             lambda: sample_and_score("teacher", teacher_dir))}}
-    for name, method in PRUNINGS.items():
-        slug = _slug(name)
-        learnable = method[1] == "learnable"
-        prune_args = [*method, *(["--steps", str(s.prune_steps), "--batch-size", str(s.batch_size)] if learnable else [])]
-        prune_dir, recover_dir = folder / f"prune-{slug}", folder / f"recover-{slug}"
-
-        def prune(prune_args=prune_args, prune_dir=prune_dir) -> dict[str, Any]:
-            shutil.rmtree(prune_dir, ignore_errors=True)  # a rerun starts afresh, not from old checkpoints
-            _cli("prune", str(teacher_dir), *prune_args, "--out", str(prune_dir), "--device", str(device), *quiet)
-            decision = json.loads((prune_dir / "decision.json").read_text())
-            confidences = [g["confidence"] for g in decision.get("groups") or [] if "confidence" in g]
-            return {"kept": decision["kept_indices"], "lowest_confidence": min(confidences) if confidences else None}
-
-        def recover(prune_dir=prune_dir, recover_dir=recover_dir) -> dict[str, Any]:
-            shutil.rmtree(recover_dir, ignore_errors=True)
-            _cli("finetune", str(prune_dir / "model"), "--teacher", str(teacher_dir), "--mix", "masked-kd",
-                 "--steps", str(s.recover_steps), "--batch-size", str(s.batch_size), "--out", str(recover_dir),
-                 "--device", str(device), *quiet)
-            return {"model": str(recover_dir / "model")}
-
-        pruned = stages.run(f"prune-{slug}", {"model": teacher_id, "args": prune_args}, prune)
-        stages.run(f"recover-{slug}", {"pruned": stages.stamp(f"prune-{slug}"), "steps": s.recover_steps, "batch_size": s.batch_size,
-                                       "mix": "masked-kd"}, recover)
-        rows[name] = {
-            "kept": pruned["kept"],
-            "lowest_confidence": pruned.get("lowest_confidence"),
-            "before": stages.run(f"sample-{slug}-pruned", {"pruned": stages.stamp(f"prune-{slug}"), **sample},
-                                 lambda prune_dir=prune_dir, name=name: sample_and_score(f"{name} pruned", prune_dir / "model")),
-            "after": stages.run(f"sample-{slug}-recovered", {"recovered": stages.stamp(f"recover-{slug}"), **sample},
-                                lambda recover_dir=recover_dir, name=name: sample_and_score(f"{name} recovered", recover_dir / "model")),
-        }
+    rows.update(_prune_and_recover(stages, PRUNINGS, teacher_dir, teacher_id, s, device, quiet, sample, sample_and_score))
 
     # Methods fine-tuned from the teacher in one go: (row name, stage, command and its method options, steps).
     one_go = [
@@ -420,29 +384,51 @@ def run_mar_demo(
         begun = time.perf_counter()
         x = mar_samples(model, labels, **s.sampling(), device=device)
         seconds = time.perf_counter() - begun
-        images = to_uint8_images(x, "pixel")
-        slug = _slug(name) + ("-pruned" if name.endswith(" pruned") else "")
-        save_npz(folder / f"{slug}_samples.npz", images, labels.numpy())
-        save_grid(folder / f"{slug}_grid.png", images[: 10 * classes], ncols=classes,
-                  column_labels=[str(c) for c in range(classes)])
-        metrics = all_metrics(extract_features(feature_net, images, progress=False), reference)
-        return {"digits_" + k: v for k, v in metrics.items()} | {
-            "class_agreement": class_agreement(to_digits_range(x), labels.numpy()), "samples": len(labels),
-            "sampling_seconds": round(seconds, 2), "grid": f"{slug}_grid.png", "info": _mar_info(model),
-            "macs": mar_generation_macs(model, **s.sampling()),
-        }
+        scores = _save_and_score(folder, name, x, to_uint8_images(x, "pixel"), labels, classes, feature_net, reference)
+        return scores | {"sampling_seconds": round(seconds, 2), "info": _mar_info(model),
+                         "macs": mar_generation_macs(model, **s.sampling())}
 
     sample = {"per_class": s.samples_per_class, **s.sampling(), "seed": 0}
     rows = {"teacher": {"after": stages.run("sample-teacher", {"model": teacher_id, **sample},
                                             lambda: sample_and_score("teacher", teacher_dir))}}
-    for name, method in MAR_PRUNINGS.items():
+    rows.update(_prune_and_recover(stages, MAR_PRUNINGS, teacher_dir, teacher_id, s, device, quiet, sample, sample_and_score))
+    report = folder / "report.md"
+    write_text_atomically(report, _mar_report(info, rows, s, time.perf_counter() - started))
+    return report
+
+
+
+
+def _save_and_score(folder: Path, name: str, x: torch.Tensor, images: np.ndarray, labels: torch.Tensor, classes: int,
+                    feature_net: Any, reference: Any) -> dict[str, Any]:
+    """Write a model's samples (npz and a one-class-per-column grid) and score them: digits
+    metrics against the real digits and class agreement."""
+    # "oracle pruned" and "oracle recovered" must not share files: the pruned ones say so.
+    slug = _slug(name) + ("-pruned" if name.endswith(" pruned") else "")
+    save_npz(folder / f"{slug}_samples.npz", images, labels.numpy())
+    save_grid(folder / f"{slug}_grid.png", images[: 10 * classes], ncols=classes,  # one class per column
+              column_labels=[str(c) for c in range(classes)])
+    metrics = all_metrics(extract_features(feature_net, images, progress=False), reference)
+    return {"digits_" + k: v for k, v in metrics.items()} | {
+        "class_agreement": class_agreement(to_digits_range(x), labels.numpy()), "samples": len(labels),
+        "grid": f"{slug}_grid.png",
+    }
+
+def _prune_and_recover(stages: "Stages", prunings: dict[str, list[str]], teacher_dir: Path, teacher_id: str, s: Any,
+                       device: str, quiet: list[str], sample: dict[str, Any],
+                       sample_and_score: Callable[[str, Path], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Both demos' pruning rows: for each method `leandit prune` the teacher, `leandit finetune
+    --mix masked-kd` the result, and sample and score both (each a reusable stage)."""
+    folder = stages.folder
+    rows: dict[str, dict[str, Any]] = {}
+    for name, method in prunings.items():
         slug = _slug(name)
         learnable = method[1] == "learnable"
         prune_args = [*method, *(["--steps", str(s.prune_steps), "--batch-size", str(s.batch_size)] if learnable else [])]
         prune_dir, recover_dir = folder / f"prune-{slug}", folder / f"recover-{slug}"
 
         def prune(prune_args=prune_args, prune_dir=prune_dir) -> dict[str, Any]:
-            shutil.rmtree(prune_dir, ignore_errors=True)
+            shutil.rmtree(prune_dir, ignore_errors=True)  # a rerun starts afresh, not from old checkpoints
             _cli("prune", str(teacher_dir), *prune_args, "--out", str(prune_dir), "--device", str(device), *quiet)
             decision = json.loads((prune_dir / "decision.json").read_text())
             confidences = [g["confidence"] for g in decision.get("groups") or [] if "confidence" in g]
@@ -456,21 +442,17 @@ def run_mar_demo(
             return {"model": str(recover_dir / "model")}
 
         pruned = stages.run(f"prune-{slug}", {"model": teacher_id, "args": prune_args}, prune)
-        stages.run(f"recover-{slug}", {"pruned": stages.stamp(f"prune-{slug}"), "steps": s.recover_steps,
-                                       "batch_size": s.batch_size, "mix": "masked-kd"}, recover)
+        stages.run(f"recover-{slug}", {"pruned": stages.stamp(f"prune-{slug}"), "steps": s.recover_steps, "batch_size": s.batch_size,
+                                       "mix": "masked-kd"}, recover)
         rows[name] = {
             "kept": pruned["kept"],
             "lowest_confidence": pruned.get("lowest_confidence"),
             "before": stages.run(f"sample-{slug}-pruned", {"pruned": stages.stamp(f"prune-{slug}"), **sample},
                                  lambda prune_dir=prune_dir, name=name: sample_and_score(f"{name} pruned", prune_dir / "model")),
             "after": stages.run(f"sample-{slug}-recovered", {"recovered": stages.stamp(f"recover-{slug}"), **sample},
-                                lambda recover_dir=recover_dir, name=name: sample_and_score(f"{name} recovered",
-                                                                                             recover_dir / "model")),
+                                lambda recover_dir=recover_dir, name=name: sample_and_score(f"{name} recovered", recover_dir / "model")),
         }
-    report = folder / "report.md"
-    write_text_atomically(report, _mar_report(info, rows, s, time.perf_counter() - started))
-    return report
-
+    return rows
 
 def _mar_report(info: dict, rows: dict, s: MarDemoSettings, seconds: float) -> str:
     enc, dec = info["encoder_depth"], info["decoder_depth"]
