@@ -28,7 +28,7 @@ from ..compress.depth import (
     random_method,
     score_method,
 )
-from ..compress.depth.learnable import RECOVERABILITY, auto_ema_decay
+from ..compress.depth.learnable import RECOVERABILITY, SKIP_DROPPED, auto_ema_decay
 from ..compress.depth.lists import check_scheme_lists, describe_crossing
 from ..data import open_training_data
 from ..evaluate.plots import plot_decisions
@@ -112,6 +112,10 @@ def add_parser(sub) -> None:
                        help="EMA decay of logits and weights; the decision uses the EMA logits; 0 disables. auto = 1 - 10 / steps "
                        "within [0.9, 0.999]: the paper's 0.999 at its ~10k steps, and for shorter runs an EMA that still "
                        "averages the last tenth of the run instead of remembering the start (default auto)")
+    learn.add_argument("--skip-dropped-backward", choices=SKIP_DROPPED, default=d.skip_dropped_backward,
+                       help="run each block without a graph for the images whose gate is 0, so the backward skips them "
+                       "(same gradients, less work): auto = on for CPUs, off for GPUs, where the per-block split was "
+                       "measured slower (default auto)")
     learn.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables (default 1.0)")
     learn.add_argument("--class-dropout", type=float, default=None, help="label-dropout probability (default: the model config's)")
     learn.add_argument("--merge-delta", action="store_true", help="export the kept blocks with the learned LoRA delta (or fine-tuned weights) instead of the original weights")
@@ -235,6 +239,7 @@ def _run_learnable(args: argparse.Namespace) -> int:
             lora_rank=args.lora_rank,
             lora_alpha=args.lora_alpha,
             class_dropout=args.class_dropout,
+            skip_dropped_backward=args.skip_dropped_backward,
         )
         dataset = open_training_data(args.data)
         check_data_fits(source, dataset, args.data)

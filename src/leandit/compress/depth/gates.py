@@ -8,8 +8,16 @@ the backbone that mixes the block's output with its input,
     out = x + m * (block(x) - x)      (= m * block(x) + (1 - m) * x),
 
 with m the image's 0/1 gate for that block. Every block runs for every image, because the
-gate's gradient is <dL/dout, block(x) - x>. Hooks leave the backbone's modules, parameter
-names and state dict exactly as they were; `GatedModel.remove_hooks()` returns it untouched.
+gate's gradient is <dL/dout, block(x) - x>. But for an image whose gate is 0 the block's
+weights and input get m * (...) = exactly 0 through the block: with `skip_dropped` those
+images' block forward runs without building its graph (the batch is split per block into
+kept and dropped rows, and joined again), so the backward only runs over the kept ones. The
+gradients are the same numbers (up to the rounding of a smaller matmul); blocks with active
+dropout are never split (the split would change their random draws).
+
+The gating replaces each block's `forward` by an instance attribute: the backbone's modules,
+parameter names and state dict stay exactly as they were, and `GatedModel.remove_hooks()`
+returns it untouched.
 """
 
 from __future__ import annotations
@@ -116,7 +124,8 @@ class GatedModel(nn.Module):
             "hidden_states"). None: the block returns one tensor that replaces its first input.
     """
 
-    def __init__(self, backbone: nn.Module, gates: DepthGates, output_inputs: Sequence[int | str] | None = None):
+    def __init__(self, backbone: nn.Module, gates: DepthGates, output_inputs: Sequence[int | str] | None = None,
+                 skip_dropped: bool = False):
         super().__init__()
         blocks = block_list(backbone)
         if len(blocks) != gates.scheme.depth:
@@ -125,10 +134,12 @@ class GatedModel(nn.Module):
         self.gates = gates
         self.temperature = 1.0
         self.output_inputs = tuple(output_inputs) if output_inputs is not None else None
+        self.skip_dropped = skip_dropped
         self._masks: torch.Tensor | None = None
-        self._handles = [
-            block.register_forward_hook(_GateHook(self, index), with_kwargs=True) for index, block in enumerate(blocks)
-        ]
+        self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] | None = None
+        self._blocks = list(blocks)
+        for index, block in enumerate(self._blocks):
+            block.forward = _GatedForward(self, index, block)
 
     def forward(
         self, *args: Any, gate_noise: torch.Tensor | None = None, gate_masks: torch.Tensor | None = None, **kwargs: Any
@@ -140,21 +151,56 @@ class GatedModel(nn.Module):
             self._masks = gate_masks.expand(batch, -1) if gate_masks.dim() == 1 else gate_masks
         else:
             self._masks = self.gates.decision_mask().to(self.gates.logits.device).expand(batch, -1)
+        self._rows = self._split_rows(self._masks) if self.skip_dropped and torch.is_grad_enabled() else None
         try:
             return self.backbone(*args, **kwargs)
         finally:
             self._masks = None
+            self._rows = None
 
     def remove_hooks(self) -> nn.Module:
         """Take the gates off; returns the backbone as it was (plus any adapters added)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for block in self._blocks:
+            if isinstance(block.__dict__.get("forward"), _GatedForward):
+                del block.forward
+        self._blocks = []
         return self.backbone
 
-    def _mix(self, index: int, args: tuple, kwargs: dict, output: Any) -> Any:
+    @staticmethod
+    def _split_rows(masks: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """Per block (kept rows, dropped rows, the permutation back) where some gate is 0 and
+        some is not; None where nothing is to be split. One host read for the whole step."""
+        dropped = (masks.detach() == 0).cpu()  # (N, L)
+        rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+        for column in dropped.T:
+            if not column.any():
+                rows.append(None)
+                continue
+            keep, drop = (~column).nonzero().flatten(), column.nonzero().flatten()
+            back = torch.empty(len(column), dtype=torch.long)
+            back[torch.cat([keep, drop])] = torch.arange(len(column))
+            rows.append(tuple(r.to(masks.device, non_blocking=True) for r in (keep, drop, back)))
+        return rows
+
+    def _run(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        def call(a: tuple, k: dict) -> Any:
+            return type(block).forward(block, *a, **k)
+
         if self._masks is None:
-            return output  # called outside GatedModel.forward (e.g. the backbone alone)
+            return call(args, kwargs)  # called outside GatedModel.forward (e.g. the backbone alone)
+        rows = self._rows[index] if self._rows is not None else None
+        if rows is None or _has_active_dropout(block):
+            output = call(args, kwargs)
+        else:
+            keep, drop, back = rows
+            n = self._masks.shape[0]
+            with torch.no_grad():  # gate 0: the gate needs block(x), nothing needs its graph
+                dropped = call(*_take_rows((args, kwargs), drop, n))
+            if len(keep):
+                kept = call(*_take_rows((args, kwargs), keep, n))
+                output = _join_rows(kept, dropped, back)
+            else:
+                output = _tie_to_parameters(dropped, block)
         gate = self._masks[:, index]  # (N,)
         if self.output_inputs is None:
             return _gate(output, _input(args, kwargs, 0), gate)
@@ -163,16 +209,56 @@ class GatedModel(nn.Module):
         )
 
 
-class _GateHook:
-    """A picklable, deep-copyable forward hook: the EMA copy of a GatedModel gets hooks that
-    point at the copy."""
+class _GatedForward:
+    """The gated `forward` of one block: picklable and deep-copyable (the EMA copy of a
+    GatedModel gets forwards that point at the copy)."""
 
-    def __init__(self, owner: GatedModel, index: int):
-        self.owner = owner
-        self.index = index
+    def __init__(self, owner: GatedModel, index: int, block: nn.Module):
+        self.owner, self.index, self.block = owner, index, block
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        return self.owner._mix(self.index, args, kwargs, output)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.owner._run(self.index, self.block, args, kwargs)
+
+
+# Block inputs that are not per image even when their first size happens to equal the batch
+# (rotary tables of SD3/Flux-style blocks are (tokens, dim)).
+_UNBATCHED_INPUTS = frozenset({"image_rotary_emb", "rotary_emb", "freqs_cis"})
+
+
+def _take_rows(value: Any, rows: torch.Tensor, n: int, name: str | None = None) -> Any:
+    """`value` with every per-image tensor (first size n) restricted to `rows`."""
+    if name in _UNBATCHED_INPUTS:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows) if value.dim() > 0 and value.shape[0] == n else value
+    if isinstance(value, dict):
+        return {k: _take_rows(v, rows, n, k) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take_rows(v, rows, n) for v in value)
+    return value
+
+
+def _join_rows(kept: Any, dropped: Any, back: torch.Tensor) -> Any:
+    if isinstance(kept, torch.Tensor):
+        return torch.cat([kept, dropped]).index_select(0, back)
+    return type(kept)(_join_rows(k, d, back) for k, d in zip(kept, dropped))
+
+
+def _tie_to_parameters(output: Any, block: nn.Module) -> Any:
+    """`output` + 0 that depends on every trainable parameter of `block`: a block no image
+    kept still gets (zero) gradients, as without the split, so AdamW's moments and step count
+    and DDP's gradient reduction see the same parameters either way."""
+    trainable = [p for p in block.parameters() if p.requires_grad]
+    if not trainable:
+        return output
+    zero = torch.stack([p.reshape(-1)[0] for p in trainable]).sum() * 0
+    if isinstance(output, torch.Tensor):
+        return output + zero.to(output.dtype)
+    return type(output)((output[0] + zero.to(output[0].dtype), *output[1:]))
+
+
+def _has_active_dropout(block: nn.Module) -> bool:
+    return block.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in block.modules())
 
 
 def _gate(out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .lora import add_lora
 from .scheme import Scheme, mask_to_indices, parse_scheme
 
 RECOVERABILITY = ("lora", "full", "frozen")
+SKIP_DROPPED = ("auto", "on", "off")
 
 
 def auto_ema_decay(steps: int) -> float:
@@ -51,6 +52,11 @@ class LearnableSettings:
             weights train) or "frozen" (only the gates).
         lora_rank, lora_alpha: LoRA size and scale (alpha / rank multiplies the update).
         class_dropout: label-dropout probability; None = the model config's.
+        skip_dropped_backward: "on" runs each block's forward for the images whose gate is
+            0 without a graph (the backward then runs over the kept images only: the same
+            gradients, less work); "auto" = on for CPUs, where it was measured faster, off
+            for GPUs, where the per-block split was measured 1.2-1.6x slower on an H100
+            (small launches) though a quarter lighter in memory.
     """
 
     scheme: str = "1:2"
@@ -63,8 +69,11 @@ class LearnableSettings:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     class_dropout: float | None = None
+    skip_dropped_backward: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.skip_dropped_backward not in SKIP_DROPPED:
+            raise ValueError(f"skip_dropped_backward must be one of {SKIP_DROPPED}, got {self.skip_dropped_backward!r}")
         if self.recoverability not in RECOVERABILITY:
             raise ValueError(f"recoverability must be one of {RECOVERABILITY}, got {self.recoverability!r}")
         if self.temperature_start <= 0 or self.temperature_end <= 0:
@@ -101,6 +110,11 @@ class LearnablePruningJob(TrainingJob):
         gates = DepthGates(self.scheme, settings.logit_init, settings.logit_scale)
         self.module = GatedModel(model, gates, output_inputs=self.adapter.block_output_inputs)
         self.module.temperature = settings.temperature_start
+
+    def setup(self, device: torch.device) -> None:
+        super().setup(device)
+        choice = self.settings.skip_dropped_backward
+        self.module.skip_dropped = choice == "on" or (choice == "auto" and torch.device(device).type == "cpu")
 
     @property
     def gates(self) -> DepthGates:
