@@ -22,9 +22,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
 from .config import DiTConfig
 from .guidance import classifier_free_guidance
 
@@ -133,7 +133,7 @@ class Attention(nn.Module):
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, Dh)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
+        out = attention(q, k, v)  # (N, H, T, Dh)
         if head_mask is not None:
             out = out * _per_sample(head_mask, n)[:, :, None, None]  # (N, H, T, Dh)
         out = out.transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim)  # (N, T, H*Dh): D unless heads were removed

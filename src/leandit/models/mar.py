@@ -20,9 +20,9 @@ Built for being wrapped, never copied:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
 from .dit import TimestepEmbedder
 from .mar_config import MARConfig
 
@@ -43,7 +43,7 @@ class ViTAttention(nn.Module):
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, Dh)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        out = attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
         return self.proj_drop(self.proj(out))
 

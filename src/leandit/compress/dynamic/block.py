@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...models.attention import attention
 from ...models.dit import DiTBlock, modulate
 from .routers import TokenRouter, WidthRouters, decide
 from .slices import SliceCache
@@ -155,7 +156,7 @@ class DynamicBlock(nn.Module):
         h = modulate(block.norm1(x), mod.shift_msa, mod.scale_msa)  # (N, T, D)
         qkv = F.linear(h, qkv_w, qkv_b).reshape(n, t, 3, heads, self.head_dim)  # (N, T, 3, h, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, h, T, Dh)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, heads * self.head_dim)
+        a = attention(q, k, v).transpose(1, 2).reshape(n, t, heads * self.head_dim)
         x = x + mod.gate_msa.unsqueeze(1) * F.linear(a, proj_w, block.attn.proj.bias)  # (N, T, D)
 
         if self.token_router is None:

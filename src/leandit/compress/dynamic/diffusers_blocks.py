@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...models.attention import attention
 from .block import BlockPlan, kept_rows, setup_dynamic_block
 from .model import register_dynamic_block
 from .routers import decide
@@ -207,7 +208,7 @@ class DiffusersDynamicBlock(nn.Module):
         heads, dh = attn.heads, k.shape[-1] // attn.heads
         q, k, v = (z.view(n, -1, heads, dh).transpose(1, 2) for z in (q, k, v))  # (N, H, T, Dh)
         mask = self._self_attention_mask(attention_mask, n, t)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)  # (N, H, T, Dh)
+        a = attention(q, k, v, attn_mask=mask)  # (N, H, T, Dh)
         if head_mask is not None:
             a = a * head_mask[:, :, None, None].to(a.dtype)
         a = a.transpose(1, 2).reshape(n, -1, heads * dh).to(q.dtype)
@@ -235,7 +236,7 @@ class DiffusersDynamicBlock(nn.Module):
         mask = self._self_attention_mask(attention_mask, n, t)
         if mask is not None:
             mask = mask[:, :1]  # the same for every head: broadcast over the kept ones
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, t, heads * self.head_dim)
+        a = attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, t, heads * self.head_dim)
         x = gate_msa * F.linear(a.to(q.dtype), out_w, block.attn1.to_out[0].bias) + x  # (N, T, D)
         x = self._cross_attention(x, inputs, kwargs)
 

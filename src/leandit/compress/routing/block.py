@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...models.attention import attention
 from ...models.dit import DiTBlock, modulate
 
 SCALES = ("mlp", "update")
@@ -270,6 +271,6 @@ def _dit_block_with_all_keys(block: DiTBlock, kept: torch.Tensor, full: torch.Te
     q = F.linear(h_kept, w[:width], None if b is None else b[:width]).reshape(n, k, heads, dh).transpose(1, 2)
     kv = F.linear(h_full, w[width:], None if b is None else b[width:]).reshape(n, -1, 2, heads, dh)  # (n, T, 2, h, Dh)
     keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (n, h, T, Dh)
-    a = F.scaled_dot_product_attention(q, keys, values).transpose(1, 2).reshape(n, k, width)
+    a = attention(q, keys, values).transpose(1, 2).reshape(n, k, width)
     x = kept + mod.gate_msa.unsqueeze(1) * attn.proj(a)  # (n, k, D)
     return x + block.mlp_branch(x, mod)
