@@ -99,9 +99,8 @@ class Conditioning:
         raise ValueError(f"{self.describe()}: has no unconditional input, so it cannot use classifier-free guidance or label dropout")
 
     def drop(self, cond: Cond, dropped: torch.Tensor) -> Cond:
-        """`cond` with rows `dropped` (a boolean (N,) mask) replaced by the null input."""
-        if not bool(dropped.any()):
-            return cond
+        """`cond` with rows `dropped` (a boolean (N,) mask) replaced by the null input (always
+        a select, never "if any was dropped": that would make a GPU wait for the draw)."""
         return cond_where(~dropped, cond, self.null(dropped.shape[0], dropped.device))
 
     def example(self, batch: int, device: torch.device | str = "cpu") -> Cond:

@@ -120,7 +120,7 @@ class DiffusersBackbone(Backbone):
         )
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, via: Callable | None = None, **kwargs: Any) -> torch.Tensor:
-        call = via or self.outer
+        call = self.outer if via is None else via
         if self.layout.conditioning == "class":
             out = call(hidden_states=x, timestep=t, class_labels=cond, return_dict=False, **kwargs)
         else:

@@ -44,7 +44,7 @@ class DiTBackbone(OwnNetworkBackbone):
         )
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, via: Callable | None = None, **kwargs: Any) -> torch.Tensor:
-        return (via or self.outer)(x, t, cond, **kwargs)  # (N, C_out, H, W)
+        return (self.outer if via is None else via)(x, t, cond, **kwargs)  # (N, C_out, H, W)
 
     def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
         return self.model.t_embedder(t)  # (N, D)

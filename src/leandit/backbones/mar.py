@@ -62,7 +62,7 @@ class MARBackbone(OwnNetworkBackbone):
         )
 
     def predict(self, x: Any, t: torch.Tensor, cond: Cond, via: Callable | None = None, **kwargs: Any) -> torch.Tensor:
-        return (via or self.outer)(x, t, cond, **kwargs)  # (N, M, 2C)
+        return (self.outer if via is None else via)(x, t, cond, **kwargs)  # (N, M, 2C)
 
     def set_depth(self, depth: int) -> None:
         raise ValueError("MAR has two block lists (encoder, decoder): record each list's length with set_list_depths")

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(config, args.out, dist=dist, progress=not args.quiet)
         bf16 = trainer.uses_bf16()
         job = RecoveryJob(student, teacher, settings, layers,
-                          teacher_dtype=torch.bfloat16 if bf16 and dist.device.type == "cuda" and teacher is not None else None,
+                          teacher_dtype=torch.bfloat16 if bf16 and teacher is not None else None,
                           conditioning=data_conditioning(student, dataset))
         record = _recovery_record(args, settings, config, teacher, layers)
         check_resume(args.out, {"command": "finetune", **record}, student, ("teacher_layers",))  # paths may be spelt two ways

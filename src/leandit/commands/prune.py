@@ -249,6 +249,7 @@ def _run_learnable(args: argparse.Namespace) -> int:
         job = LearnablePruningJob(copy.deepcopy(source), settings, scheme, data_conditioning(source, dataset))
         config = loop_config(args, weight_decay=0.0,
                              ema_decay=parse_ema_decay(args.ema_decay, lambda: auto_ema_decay(args.steps)))
+        trainer = Trainer(config, args.out, dist=dist, progress=not args.quiet)  # refuses options the device cannot use
         if dist.is_main:
             weights = f"{job.trainable_weights:,} {settings.recoverability} weights" if job.trainable_weights else "frozen weights"
             log(f"learnable {job.scheme} pruning of {args.model} ({depth_of(source)} -> {job.scheme.num_kept} blocks, "
@@ -258,7 +259,7 @@ def _run_learnable(args: argparse.Namespace) -> int:
             write_run_record(args.out, record, source, dist.world_size)
         barrier()
         started = time.perf_counter()
-        result = Trainer(config, args.out, dist=dist, progress=not args.quiet).fit(job, dataset, stop_after=args.stop_after)
+        result = trainer.fit(job, dataset, stop_after=args.stop_after)
         if result.steps < config.steps:
             if dist.is_main:
                 log(f"stopped at step {result.steps} of {config.steps}; run the same command to continue")

@@ -46,7 +46,7 @@ KIND = {"command": "train"}
 # The loop's own settings keep the loop's defaults (LoopConfig is where they live).
 _LOOP = {f.name: f.default for f in dataclasses.fields(LoopConfig) if f.default is not dataclasses.MISSING}
 _LOOP_FIELDS = ("lr", "weight_decay", "lr_schedule", "warmup_steps", "final_lr_ratio", "ema_decay", "ema_warmup",
-                "grad_clip", "precision", "checkpoint_every", "keep_checkpoints", "log_every", "seed", "num_workers")
+                "grad_clip", "precision", "compile", "checkpoint_every", "keep_checkpoints", "log_every", "seed", "num_workers")
 
 # Every setting a recipe may hold, with its default (None: required).
 DEFAULTS: dict[str, Any] = {
@@ -88,7 +88,10 @@ def add_parser(sub) -> None:
     p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="ramp the EMA decay up as min(decay, (1+n)/(10+n)) (default off)")
     p.add_argument("--grad-clip", type=float, help="max gradient norm; 0 disables clipping (default 1.0 as TinyFusion; DiT pre-training used none)")
-    p.add_argument("--precision", choices=PRECISIONS, help="auto = bf16 autocast on GPUs that support it, else fp32 (default auto)")
+    p.add_argument("--precision", choices=PRECISIONS, help="auto = bf16 autocast on GPUs that support it, else fp32; bf16 also "
+                   "runs on CPUs, fast where they have native bf16 (default auto)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the training forward through torch.compile: slower start, faster steps (default off)")
     p.add_argument("--class-dropout", type=float, help="label-dropout probability for guidance training (default: the model config's)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 1000; the last step is always saved)")
     p.add_argument("--keep-checkpoints", type=int, help="how many recent checkpoints to keep; 0 keeps all (default 2)")
@@ -190,13 +193,14 @@ def run(args: argparse.Namespace) -> int:
         spec = backbone(model).spec
         model, job = _make_job(model, s, make_objective(spec), data_conditioning(model, dataset))
         check_resume(args.out, s, model, ("inpaint",))  # the architecture decides (a model named two ways is the same)
+        trainer = Trainer(config, args.out, dist=dist, progress=not args.quiet)  # refuses options the device cannot use
         if dist.is_main:
             claim_out(args.out, KIND, args.overwrite)
             write_run_record(args.out, s, model, dist.world_size)
             log(f"training {spec.name or s['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) "
                 f"on {s['data']} ({len(dataset)} items) for {s['steps']} steps on {dist.world_size} x {dist.device}")
         started = time.perf_counter()
-        result = Trainer(config, args.out, dist=dist, progress=not args.quiet).fit(job, dataset, stop_after=args.stop_after)
+        result = trainer.fit(job, dataset, stop_after=args.stop_after)
         if dist.is_main:
             seconds = time.perf_counter() - started
             if result.steps >= config.steps:

@@ -51,9 +51,10 @@ class StepBatches:
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(mix_seed(self.seed, 0xDA7A, epoch))
-            self._perm, self._epoch = torch.randperm(self.num_items, generator=gen), epoch
+            # A list, read once per epoch: a step's indices are then no tensor read.
+            self._perm, self._epoch = torch.randperm(self.num_items, generator=gen).tolist(), epoch
         start = i * self.global_batch + self.rank * self.local
-        return self._perm[start : start + self.local].tolist()
+        return self._perm[start : start + self.local]
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.total_steps):

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..devices import PRECISIONS, check_compile, resolve_precision, warn_slow_bf16
 from ..diffusion.noise import StepRandom
 from .batches import StepBatches
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -38,7 +39,6 @@ from .distributed import DistEnv, all_gather_objects, all_reduce_, barrier, setu
 from .ema import EMA
 from .schedules import LR_SCHEDULES, lr_factor
 
-PRECISIONS = ("auto", "fp32", "bf16")
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -55,7 +55,11 @@ class LoopConfig:
             after `warmup_steps` of linear warm-up.
         ema_decay: EMA decay; None keeps no EMA. `ema_warmup` ramps it up early in the run.
         grad_clip: max global gradient norm; None or 0 disables clipping.
-        precision: "auto" (bf16 autocast on GPUs that support it, else fp32), "fp32", "bf16".
+        precision: "auto" (bf16 autocast on GPUs that support it, else fp32), "fp32", "bf16"
+            (also on CPUs: 5x faster matmuls where the CPU has native bf16).
+        compile: run the step's forward (and a frozen teacher's) through torch.compile; the
+            module itself stays uncompiled, so EMA, checkpoints and resume are as without.
+        compile_backend: torch.compile's backend ("inductor"; the tests use "aot_eager").
         checkpoint_every: steps between checkpoints (the last step is always saved).
         keep_checkpoints: how many recent checkpoints to keep (0 keeps all).
         log_every: steps between metrics-log lines and progress-bar updates.
@@ -75,6 +79,8 @@ class LoopConfig:
     ema_warmup: bool = False
     grad_clip: float | None = 1.0
     precision: str = "auto"
+    compile: bool = False
+    compile_backend: str = "inductor"
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -127,6 +133,10 @@ class TrainingJob(ABC):
     def compute_loss(self, module: nn.Module, batch: Any, random: StepRandom) -> tuple[torch.Tensor, dict[str, Any]]:
         """The scalar loss of this process's share of the batch, and scalars to log."""
 
+    def compile_frozen(self, backend: str) -> None:
+        """With --compile: compile the frozen models the job calls itself (a teacher), in
+        place; the loop compiles the trained module."""
+
     def on_step_start(self, step: int, total_steps: int) -> None:
         """Called before each step (for schedules such as a temperature)."""
 
@@ -157,13 +167,17 @@ class Trainer:
         self.progress = progress
         if config.global_batch_size % self.dist.world_size:
             raise ValueError(f"batch size {config.global_batch_size} is not divisible by {self.dist.world_size} processes")
+        # Options this device cannot use fail here, before any work.
+        precision = resolve_precision(config.precision, self.dist.device)
+        if config.compile and config.compile_backend == "inductor":
+            check_compile(self.dist.device)
+        if self.dist.is_main:
+            warn_slow_bf16(precision, self.dist.device)
 
     # -- helpers -----------------------------------------------------------------------------
     def uses_bf16(self) -> bool:
         """Whether steps run under bf16 autocast (so a frozen teacher may be kept in bf16)."""
-        return self.config.precision == "bf16" or (
-            self.config.precision == "auto" and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        )
+        return resolve_precision(self.config.precision, self.dist.device) == "bf16"
 
     def _autocast(self):
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.uses_bf16())
@@ -265,24 +279,34 @@ class Trainer:
             return TrainResult(start, skipped, ema.shadow if ema else None, self.run_dir)
         end = c.steps if stop_after is None else min(c.steps, start + stop_after)
         train_module = self._distributed(module, job)
+        if c.compile:
+            train_module = torch.compile(train_module, backend=c.compile_backend)
+            job.compile_frozen(c.compile_backend)
         batches, loader = self._loader(dataset, start, end, collate_fn)
         log = _IntervalLog(self, batches, open(self.run_dir / METRICS_FILE, "a") if d.is_main else None, start)
         interrupt = _InterruptFlag()
+        # Nothing below reads a number of the step back to the host, except at log and
+        # checkpoint steps: a GPU queues step after step without waiting for one to finish.
+        skipped_total = torch.tensor(float(skipped), dtype=torch.float64, device=d.device)
         try:
             module.train()
             for step, batch in zip(range(start, end), loader):
-                loss, logs, grad_norm, skip, stop = self._step(job, train_module, params, optimizer, batch, step, interrupt)
-                if skip:
-                    skipped += 1
-                elif ema:
-                    ema.update(module)
+                loss, logs, grad_norm, bad = self._step(job, train_module, params, optimizer, batch, step)
+                applied = ~bad
+                skipped_total += bad
+                if ema:
+                    ema.update(module, applied)
                 logs = {**logs, **job.on_step_end(step, module, ema.shadow if ema else None)}
                 done = step + 1
-                log.add(None if skip else {"loss": loss, "grad_norm": grad_norm, **logs})
-                if done % c.log_every == 0 or done == end or stop:
+                log.add({"loss": loss, "grad_norm": grad_norm, **logs}, applied)
+                at_log = done % c.log_every == 0 or done == end
+                stop = self._stop_requested(interrupt, at_log)
+                if at_log or stop:
+                    skipped = int(skipped_total)
                     log.write(done, step, optimizer.param_groups[0]["lr"], skipped)
                 log.bar.update(1)
                 if done % c.checkpoint_every == 0 or done == end or stop:
+                    skipped = int(skipped_total)
                     self._save(done, module, ema, optimizer, skipped, job)
                 if stop:
                     if d.is_main:
@@ -291,6 +315,7 @@ class Trainer:
         finally:
             interrupt.restore()
             log.close()
+        skipped = int(skipped_total)
         return TrainResult(end, skipped, ema.shadow if ema else None, self.run_dir)
 
     def _optimizer(self, job: TrainingJob) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
@@ -303,7 +328,8 @@ class Trainer:
         params = [p for g in groups for p in g["params"]]
         if not params:
             raise ValueError("the job has no trainable parameters")
-        return torch.optim.AdamW(groups, lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay), params
+        # Fused: one kernel for every tensor, and a step skipped on the device (found_inf).
+        return torch.optim.AdamW(groups, lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay, fused=True), params
 
     def _distributed(self, module: nn.Module, job: TrainingJob) -> nn.Module:
         """The module the step calls: DDP-wrapped under torchrun."""
@@ -332,8 +358,9 @@ class Trainer:
         )
         return batches, loader
 
-    def _step(self, job, train_module, params, optimizer, batch, step: int, interrupt: "_InterruptFlag"):
-        """One optimisation step: (loss, logs, grad norm, skipped, stop requested)."""
+    def _step(self, job, train_module, params, optimizer, batch, step: int):
+        """One optimisation step: (loss, logs, grad norm, skipped), the last a 0-d bool
+        tensor on the device that is the same on every process."""
         c, d = self.config, self.dist
         job.on_step_start(step, c.steps)
         self._set_lr(optimizer, step)
@@ -344,26 +371,35 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip else math.inf, foreach=True)
-        # Every process must take the same decisions, or DDP replicas drift apart:
-        # [any process saw a non-finite loss or gradient, any process was interrupted].
-        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-        flags = torch.tensor([float(bad), float(interrupt.raised)], device=d.device)
-        skip, stop = (all_reduce_(flags, "max") > 0).tolist()
-        if skip:
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.step()
-        return loss, logs, grad_norm, bool(skip), bool(stop)
+        # A non-finite loss or gradient on any process skips the step on every process (or
+        # DDP replicas drift apart). The fused AdamW skips it on the device: found_inf != 0
+        # leaves weights, moments and step counts as they were.
+        bad = (~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))).float()
+        bad = all_reduce_(bad, "max")
+        optimizer.found_inf = bad
+        optimizer.step()
+        return loss, logs, grad_norm, bad > 0
 
-    def _reduce_logs(self, sums: dict[str, float]) -> dict[str, float]:
-        """Means over the interval's applied steps on all processes."""
+    def _stop_requested(self, interrupt: "_InterruptFlag", at_log: bool) -> bool:
+        """Whether a signal asks to stop after this step. One process stops at once; under
+        torchrun the processes agree at the next log step (one reduction there, not one per
+        step), so every process stops after the same step."""
+        if not self.dist.distributed:
+            return interrupt.raised
+        if not at_log:
+            return False
+        flag = torch.tensor([float(interrupt.raised)], device=self.dist.device)
+        return bool(all_reduce_(flag, "max").item() > 0)
+
+    def _reduce_logs(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Means over the interval's applied steps on all processes (one host read)."""
         keys = sorted(sums)
         if not keys:
             return {}
-        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.dist.device)
+        values = torch.stack([sums[k].to(device=self.dist.device, dtype=torch.float64) for k in keys])
         totals = dict(zip(keys, all_reduce_(values, "sum").tolist()))
         n = totals.pop("_n")
-        return {k: v / n for k, v in totals.items()}
+        return {k: v / n for k, v in totals.items()} if n > 0 else {}
 
 
 class _IntervalLog:
@@ -378,10 +414,9 @@ class _IntervalLog:
         self.sums: dict[str, float] = {}
         self.count, self.last_time = 0, time.perf_counter()
 
-    def add(self, logs: dict[str, Any] | None) -> None:
-        """One step's scalars (None for a skipped step, which only counts for the rates)."""
-        if logs is not None:
-            _accumulate(self.sums, logs)
+    def add(self, logs: dict[str, Any], applied: torch.Tensor | None = None) -> None:
+        """One step's scalars; a step whose `applied` is false only counts for the rates."""
+        _accumulate(self.sums, logs, applied)
         self.count += 1
 
     def write(self, done: int, step: int, lr: float, skipped: int) -> None:
@@ -409,8 +444,8 @@ class _IntervalLog:
 
 class _InterruptFlag:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM (a cluster's pre-emption notice) into a flag
-    the loop acts on at the end of the step, so the checkpoint it saves is exact; a second
-    signal acts at once."""
+    the loop acts on at the end of the step (under torchrun: of the next log step, where the
+    processes agree), so the checkpoint it saves is exact; a second signal acts at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -430,11 +465,20 @@ class _InterruptFlag:
         self._previous = {}
 
 
-def _accumulate(sums: dict[str, float], logs: dict[str, Any]) -> None:
+def _accumulate(sums: dict[str, torch.Tensor], logs: dict[str, Any], applied: torch.Tensor | None = None) -> None:
+    """Add one step's scalars to the interval's sums, on the device (no host read); a step
+    whose `applied` is false adds nothing (its values may be NaN)."""
+    device = applied.device if applied is not None else torch.device("cpu")
     for key, value in logs.items():
-        value = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
-        sums[key] = sums.get(key, 0.0) + value
-    sums["_n"] = sums.get("_n", 0.0) + 1.0
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to(torch.float64).mean()
+        else:  # a fill on the device, not a copy from the host (which would wait for the queue)
+            value = torch.full((), float(value), dtype=torch.float64, device=device)
+        if applied is not None:
+            value = torch.where(applied, value.to(device), 0.0)
+        sums[key] = sums[key] + value if key in sums else value
+    one = torch.ones((), dtype=torch.float64) if applied is None else applied.to(torch.float64)
+    sums["_n"] = sums["_n"] + one if "_n" in sums else one
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

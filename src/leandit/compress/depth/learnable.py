@@ -140,15 +140,15 @@ class LearnablePruningJob(TrainingJob):
 
     def on_step_end(self, step: int, module: nn.Module, ema_module: nn.Module | None) -> dict[str, Any]:
         """Per-block keep probability of the sampling distribution, and per-group confidence
-        of the decision (EMA logits), for the log and the decision plot."""
+        of the decision (EMA logits), for the log and the decision plot: tensors, which the
+        loop reads at its log steps only."""
         with torch.no_grad():
-            logs: dict[str, Any] = {
-                f"keep_prob/{i:03d}": float(p) for i, p in enumerate(self.gates.layer_probabilities())
-            }
+            keep = self.gates.layer_probabilities()
             decider = ema_module.gates if ema_module is not None else self.gates
-            confidences = decider.confidences()
-        logs.update({f"confidence/{g:03d}": c for g, c in enumerate(confidences)})
-        logs["min_confidence"] = min(confidences)
+            confidences = torch.stack([p.max() for p in decider.group_probabilities()])
+        logs: dict[str, Any] = {f"keep_prob/{i:03d}": p for i, p in enumerate(keep.unbind())}
+        logs.update({f"confidence/{g:03d}": c for g, c in enumerate(confidences.unbind())})
+        logs["min_confidence"] = confidences.min()
         return logs
 
     def decision(self, ema_module: nn.Module | None, steps: int) -> PruningDecision:

@@ -147,6 +147,10 @@ class RecoveryJob(DenoisingJob):
         if self.teacher is not None:
             self.teacher.to(device=device, dtype=self.teacher_dtype)
 
+    def compile_frozen(self, backend: str) -> None:
+        if self.teacher is not None:
+            self.teacher.compile(backend=backend)  # in place: the same module, compiled calls
+
     # A method built on recovery (DyDiT, routing) names the settings of its own that a resume
     # must not change: {key: settings dict}, stored and checked with the recovery settings.
     method_name: str = "recovery"
