@@ -17,6 +17,7 @@ from ..evaluate.plots import plot_speedup_curve
 from ..files import write_text_atomically
 from ..evaluate.speed import (LoopSpeedResult, SpeedResult, compression_variants, is_masked, measure_generation_speed, measure_speed,
                               process_peak_memory_mib, varies_with_timestep)
+from ..devices import check_compile, check_cuda_graphs, resolve_precision, warn_slow_bf16
 from ..train.distributed import resolve_device
 from .common import add_model_options, log, plural, si
 
@@ -50,6 +51,10 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds; each times every model once, in turn (default 10; MAR: 3 whole loops)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto = bf16 autocast on GPUs, fp32 on CPU (default auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="time the models compiled by torch.compile (the warm-up absorbs the compilation; FLOPs and memory are the eager models')")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="GPU only: compile with CUDA graphs (torch.compile mode reduce-overhead): each static-shape step replays as one graph")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (on CPU it runs each model once more in a fresh process)")
     p.add_argument("--curve", type=Path, metavar="PNG",
@@ -78,7 +83,12 @@ def run(args: argparse.Namespace) -> int:
         if path is not None and path.is_dir():
             raise ValueError(f"{option} {path} is a folder: give a file name")
     device = resolve_device(args.device)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(args.precision, device)
+    warn_slow_bf16(precision, device)
+    if args.compile or args.cuda_graphs:
+        check_compile(device)
+    if args.cuda_graphs:
+        check_cuda_graphs(device)
     load_options = {"weights": args.weights, "num_heads": args.num_heads, "objective": args.objective, "space": args.space,
                     "trust_checkpoint": args.trust_checkpoint}
     if args.curve:
@@ -103,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         f"{plural(args.warmup, 'warm-up step')}, {plural(args.rounds, 'interleaved round')}")
     results = measure_speed(models, args.batch_size, cfg_scale=args.cfg_scale, sampling_steps=args.sampling_steps,
                             warmup=args.warmup, rounds=args.rounds, device=device, precision=precision,
-                            trajectory_steps=args.trajectory)
+                            trajectory_steps=args.trajectory, compile=args.compile, cuda_graphs=args.cuda_graphs)
     if device.type == "cpu" and not args.no_memory:
         for result, spec in zip(results, args.models):
             result.peak_memory_mib = process_peak_memory_mib(spec, args.batch_size, args.cfg_scale, precision, load_options)
@@ -115,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 def write_results(args: argparse.Namespace, results: list, table: str, device: torch.device, precision: str) -> int:
     """Print the table and write --out (markdown with the machine) and --json (the rows)."""
     print(table)
-    machine = describe_machine(device, precision)
+    machine = describe_machine(device, precision, args)
     if args.out:
         write_text_atomically(args.out, f"Machine: {machine}.\n\n{table}\n")
         log(f"wrote {args.out}")
@@ -146,6 +156,9 @@ def format_table(results: list[SpeedResult], batch_size: int, cfg_scale: float, 
 
 def _run_mar(args: argparse.Namespace, models: list, device, precision: str, load_options: dict) -> int:
     """MAR rows: whole generation loops per image, and where their time goes."""
+    if args.compile or args.cuda_graphs:
+        raise ValueError(f"{'--compile' if args.compile else '--cuda-graphs'} applies to DiT/SiT/diffusers sampling steps; "
+                         "a MAR generation loop (masks, orders, the head's own loop) is timed eager: leave it out")
     if args.trajectory is not None or args.curve is not None:
         raise ValueError(f"{'--trajectory' if args.trajectory is not None else '--curve'} applies to DiT/SiT models; a MAR "
                          "model is always timed over whole generation loops (compare pruned folders or "
@@ -203,12 +216,15 @@ def short_name(spec: str) -> str:
     return path.name if path.exists() else str(spec)
 
 
-def describe_machine(device: torch.device, precision: str) -> str:
+def describe_machine(device: torch.device, precision: str, args: argparse.Namespace | None = None) -> str:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
         where = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {plural(torch.get_num_threads(), 'thread')}"
-    return f"{where}, {precision}, torch {torch.__version__}"
+    how = precision
+    if args is not None and (getattr(args, "compile", False) or getattr(args, "cuda_graphs", False)):
+        how += ", torch.compile" + (" with CUDA graphs" if args.cuda_graphs else "")
+    return f"{where}, {how}, torch {torch.__version__}"
 
 
 def _run_curve(args: argparse.Namespace, device, precision: str, load_options: dict) -> int:
@@ -225,7 +241,7 @@ def _run_curve(args: argparse.Namespace, device, precision: str, load_options: d
     log(f"measuring {plural(len(variants), 'variant')} of {args.models[0]} at batch {args.batch_size} on {device} ({precision})")
     results = measure_speed([(name, model) for _, name, _, model in variants], args.batch_size, cfg_scale=args.cfg_scale,
                             sampling_steps=args.sampling_steps, warmup=args.warmup, rounds=args.rounds, device=device,
-                            precision=precision)
+                            precision=precision, compile=args.compile, cuda_graphs=args.cuda_graphs)
     full_flops = results[0].flops_per_step
     rows = [{"kind": kind, "keep": f, **r.to_dict(), "compute_ratio": full_flops / r.flops_per_step}
             for (kind, _, f, _), r in zip(variants, results)]
@@ -238,7 +254,7 @@ def _run_curve(args: argparse.Namespace, device, precision: str, load_options: d
     title = f"{short_name(args.models[0])}: speed-up of depth and width pruning ({device.type}, {precision}, batch {args.batch_size})"
     plot_speedup_curve(rows, args.curve, title=title)
     log(f"wrote {args.curve}")
-    machine = describe_machine(device, precision)
+    machine = describe_machine(device, precision, args)
     if args.out:
         write_text_atomically(args.out, f"Machine: {machine}.\n\n{table}\n")
     if args.json:

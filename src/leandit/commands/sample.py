@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..backbones import Conditioning, backbone
 from ..diffusion import GaussianDiffusion, LinearFlow, MaskedDiffusion
 from ..data.vae import load_vae
+from ..devices import check_compile, check_cuda_graphs, compile_for_sampling, resolve_precision, warn_slow_bf16
 from ..diffusion import make_objective
 from ..evaluate.inpainting import InpaintingRun
 from ..models.inpaint import SPEC_HELP
@@ -78,6 +79,12 @@ def add_parser(sub) -> None:
     p.add_argument("--images", default=None,
                    help="with --inpaint: an .npz (arr_0 = N x H x W x C uint8, arr_1 = labels) or 'digits' (the 450 "
                    "held-out digits of the digits feature net's split)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32, or bf16 autocast (faster on GPUs and on CPUs with native bf16; recorded: parts of a folder "
+                        "share it) (default fp32)")
+    p.add_argument("--compile", action="store_true", help="run the model through torch.compile (slower start, faster steps)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="GPU only: torch.compile with CUDA graphs (mode reduce-overhead); best with --part-size a multiple of --batch-size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_options(p)
@@ -125,6 +132,13 @@ def run(args: argparse.Namespace) -> int:
     _check_plain_options(args)
     dist = setup_distributed(args.device)
     try:
+        resolve_precision(args.precision, dist.device)
+        if args.compile or args.cuda_graphs:
+            check_compile(dist.device)
+        if args.cuda_graphs:
+            check_cuda_graphs(dist.device)
+        if dist.is_main:
+            warn_slow_bf16(args.precision, dist.device)
         torch.manual_seed(args.seed)  # a named size's random weights: the same on every rank and every resume
         model = open_model(args.model, args, device=dist.device, allow_random=True)
         spec = backbone(model).spec
@@ -160,22 +174,35 @@ def run(args: argparse.Namespace) -> int:
         }
         if mar:  # MAR's own settings (absent for other models, whose older folders resume as before)
             settings.update(mar)
+        if args.precision != "fp32":  # absent at the default: older folders resume as before
+            settings["precision"] = args.precision
         if args.prompts is not None:
             settings.update(prompts=str(args.prompts), prompts_files=_files_stamp(str(args.prompts)))
         if inpaint:
             settings.update(num=inpaint.num, **inpaint.settings())
         check_settings(args.out, settings)  # every rank refuses alike; written with the first part
 
+        if args.compile or args.cuda_graphs:
+            if spec.objective == "masked":
+                raise ValueError("--compile and --cuda-graphs apply to DiT/SiT/diffusers models; a MAR loop samples eager: leave them out")
+            compile_for_sampling(model, dist.device, args.cuda_graphs)
+        autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
         def render(indices: range) -> np.ndarray:
+            with autocast:
+                x = _generate(indices)
             if inpaint:
-                x = inpaint.complete(model, indices, sampler=sampler, steps=steps, cfg_scale=args.cfg_scale,
-                                     guided_channels=guided_channels, eta=args.eta, batch_size=args.batch_size)
-                return to_uint8_images(x, spec.space)
-            x = generate(model, conditions.condition(labels[indices.start : indices.stop]), sampler=sampler, steps=steps,
-                         cfg_scale=args.cfg_scale, guided_channels=guided_channels, eta=args.eta, seed=args.seed,
-                         indices=indices, batch_size=args.batch_size, progress=False, conditioning=conditions.conditioning,
-                         **mar)
-            return to_uint8_images(x, spec.space, vae, scale=latent_scale_of(spec))
+                return to_uint8_images(x.float(), spec.space)
+            return to_uint8_images(x.float(), spec.space, vae, scale=latent_scale_of(spec))
+
+        def _generate(indices: range) -> torch.Tensor:
+            if inpaint:
+                return inpaint.complete(model, indices, sampler=sampler, steps=steps, cfg_scale=args.cfg_scale,
+                                        guided_channels=guided_channels, eta=args.eta, batch_size=args.batch_size)
+            return generate(model, conditions.condition(labels[indices.start : indices.stop]), sampler=sampler, steps=steps,
+                            cfg_scale=args.cfg_scale, guided_channels=guided_channels, eta=args.eta, seed=args.seed,
+                            indices=indices, batch_size=args.batch_size, progress=False, conditioning=conditions.conditioning,
+                            **mar)
 
         started = time.perf_counter()
         mine = plan.parts_of(dist.rank, dist.world_size)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..backbones import ClassLabels, backbone, unwrap
+from ..devices import compile_for_sampling
 from ..diffusion import PerSampleNoise, make_objective
 from ..models.flops import count_parameters, forward_flops
 from .sampling import model_fn_for
@@ -111,6 +112,8 @@ def measure_speed(
     precision: str = "fp32",
     progress: Callable[[str], None] | None = None,
     trajectory_steps: int | None = None,
+    compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> list[SpeedResult]:
     """Measure every model at the same settings, interleaved; speed-ups are over the first.
 
@@ -123,6 +126,9 @@ def measure_speed(
             null class).
         sampling_steps: steps of a full sampling run, for images per second.
         precision: "fp32" or "bf16" (autocast; on GPUs the usual choice).
+        compile, cuda_graphs: time the models compiled by torch.compile (in place; the
+            warm-up steps absorb the compilation), with CUDA graphs on a GPU; FLOPs are
+            counted on the eager models first.
     """
     if batch_size < 1 or rounds < 1 or warmup < 0 or sampling_steps < 1:
         raise ValueError("batch size, rounds and sampling steps must be at least 1, warm-up at least 0")
@@ -144,6 +150,18 @@ def measure_speed(
         model.eval().requires_grad_(False).to(device)
         steps.append(sampling_step(model, batch_size, cfg_scale, device, trajectory_steps=trajectory_steps))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    flops = []
+    for (name, model), step in zip(models, steps):
+        guided = guides(model, cfg_scale)
+        if varies_with_timestep(model):
+            with torch.inference_mode(), autocast:
+                flops.append(int(2 * trajectory_macs(model, step, trajectory_steps)))
+        else:
+            flops.append(forward_flops(model, 2 * batch_size if guided else batch_size))
+    if compile or cuda_graphs:
+        warmup = max(warmup, 2)  # the first calls compile (and record the graph)
+        for _, model in models:
+            compile_for_sampling(model, device, cuda_graphs)
 
     def timed(step: Callable[[], torch.Tensor]) -> float:
         if cuda:
@@ -173,14 +191,6 @@ def measure_speed(
             if progress:
                 progress(f"round {r + 1}/{rounds}")
 
-    flops = []
-    for (name, model), step in zip(models, steps):
-        guided = guides(model, cfg_scale)
-        if varies_with_timestep(model):
-            with torch.inference_mode(), autocast:
-                flops.append(int(2 * trajectory_macs(model, step, trajectory_steps)))
-        else:
-            flops.append(forward_flops(model, 2 * batch_size if guided else batch_size))
     results = []
     for (name, model), samples, peak, step_flops in zip(models, times, peaks, flops):
         latency = statistics.median(samples)
