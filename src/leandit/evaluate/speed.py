@@ -88,6 +88,18 @@ def sampling_step(
     return lambda: objective.sample(step, lambda: x, sampler=sampler, steps=trajectory_steps)
 
 
+def seconds_of(call: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one call, the GPU's queue included (synchronised before and after)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def trajectory_macs(model: nn.Module, run: Callable[[], torch.Tensor], steps: int) -> float:
     """Mean MACs per sampling step over one run of `run` (a trajectory of `steps` steps),
     from the model's own count of what its decisions ran."""
@@ -163,15 +175,6 @@ def measure_speed(
         for _, model in models:
             compile_for_sampling(model, device, cuda_graphs)
 
-    def timed(step: Callable[[], torch.Tensor]) -> float:
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) / per_call
-
     times: list[list[float]] = [[] for _ in models]
     peaks: list[float | None] = [None] * len(models)
     with torch.inference_mode(), autocast:
@@ -187,7 +190,7 @@ def measure_speed(
                 peaks[i] = (torch.cuda.max_memory_allocated(device) - held) / 2**20
         for r in range(rounds):
             for i, step in enumerate(steps):
-                times[i].append(timed(step))
+                times[i].append(seconds_of(step, device) / per_call)
             if progress:
                 progress(f"round {r + 1}/{rounds}")
 
@@ -506,7 +509,6 @@ def measure_generation_speed(
         run_steps = None if step_stride == 1 else {s["step"] for s in schedule if s["step"] % step_stride == step_stride // 2}
         schedules.append((schedule, run_steps))
         profiles.append(LoopProfile(model, device, run_steps, schedule))
-    cuda = device.type == "cuda"
     rows: list[list[dict[str, float]]] = [[] for _ in models]
     with torch.inference_mode(), autocast:
         for loop, profile in zip(loops, profiles):
@@ -518,13 +520,7 @@ def measure_generation_speed(
             for i, (loop, profile) in enumerate(zip(loops, profiles)):
                 with profile:
                     profile.reset()
-                    if cuda:
-                        torch.cuda.synchronize(device)
-                    started = time.perf_counter()
-                    loop()
-                    if cuda:
-                        torch.cuda.synchronize(device)
-                    measured = time.perf_counter() - started
+                    measured = seconds_of(loop, device)
                     parts = profile.read()
                 k = step_stride
                 total = measured + (k - 1) * (parts["context"] + parts["head"])  # the skipped steps' network calls
