@@ -319,10 +319,10 @@ def run_ratios(args: argparse.Namespace) -> int:
     spec = adapter_of(model).spec
     vae = None
     if args.samples:
-        from ..evaluate.sampling import check_sampling_options
+        from ..evaluate.sampling import check_sampling_options, default_sampling_steps
 
         sampler = check_sampling_options(spec, args.sampler, 1.0)
-        steps = args.sampling_steps if args.sampling_steps is not None else (250 if sampler == "ddpm" else 50)
+        steps = args.sampling_steps if args.sampling_steps is not None else default_sampling_steps(sampler)
         if spec.conditioning.kind != "class":
             raise ValueError(f"token maps sample class-conditional models only (this one is {spec.conditioning.describe()}); "
                              "pass --samples 0 for the ratio plot alone")

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+from ..diffusion import make_objective
 from ..evaluate.model_specs import open_spec
 from ..evaluate.plots import plot_speedup_curve
 from ..files import write_text_atomically
 from ..evaluate.speed import (LoopSpeedResult, SpeedResult, compression_variants, is_masked, measure_generation_speed, measure_speed,
                               process_peak_memory_mib, varies_with_timestep)
+from ..backbones import backbone
 from ..devices import check_compile, check_cuda_graphs, resolve_precision, warn_slow_bf16
 from ..train.distributed import resolve_device
 from .common import add_model_options, log, plural, si
@@ -44,9 +46,12 @@ def add_parser(sub) -> None:
     p.add_argument("--head-steps", default=None, help="MAR: the head's DDPM steps per token: a count, 'ddimN' or counts "
                    "per section (default: the model's, 100 in MAR)")
     p.add_argument("--trajectory", type=int, metavar="STEPS",
-                   help="time whole sampling runs of STEPS steps (DDIM for diffusion models, Euler for flow models, from "
-                   "fixed noise) and report the mean per step; FLOPs are then counted from what each model ran. Needed "
-                   "for dynamic (DyDiT) models, whose cost depends on the timestep and the image (default: single steps)")
+                   help="time whole sampling runs of STEPS steps (--sampler; from fixed noise) and report the mean per step; "
+                   "FLOPs are then counted from what each model ran. Needed for dynamic (DyDiT) models, whose cost depends "
+                   "on the timestep and the image (default: single steps)")
+    p.add_argument("--sampler", default=None,
+                   help="--trajectory: the sampler of the runs, any of `leandit sample`'s for the model (default: ddim for "
+                   "diffusion models, heun for flow models)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per model first (default 3; MAR: 1 whole loop)")
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds; each times every model once, in turn (default 10; MAR: 3 whole loops)")
@@ -77,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
     if args.trajectory is not None and args.trajectory < 1:
         raise ValueError(f"--trajectory must be at least 1 step, got {args.trajectory}")
+    if args.sampler is not None and args.trajectory is None:
+        raise ValueError("--sampler applies to whole sampling runs: add --trajectory STEPS")
     if args.curve is not None and args.curve.suffix.lower() != ".png":
         raise ValueError(f"--curve {args.curve}: the curve is written as a PNG; give a file name ending in .png")
     for option, path in (("--curve", args.curve), ("--out", args.out), ("--json", args.json)):
@@ -109,15 +116,20 @@ def run(args: argparse.Namespace) -> int:
     if args.trajectory is None and any(varies_with_timestep(m) for _, m in models):
         raise ValueError("a dynamic (DyDiT) model's cost depends on the timestep: pass --trajectory STEPS "
                          "(e.g. --trajectory 50) to time whole sampling runs")
+    for spec, model in models:  # before any output
+        objective = make_objective(backbone(model).spec)
+        if args.sampler is not None and args.sampler not in objective.samplers:
+            raise ValueError(f"{spec}: sampler {args.sampler!r} does not fit a {objective.kind} model; choose one of {objective.samplers}")
     log(f"measuring {plural(len(models), 'model')} at batch {args.batch_size} on {device} ({precision}), "
         f"{plural(args.warmup, 'warm-up step')}, {plural(args.rounds, 'interleaved round')}")
     results = measure_speed(models, args.batch_size, cfg_scale=args.cfg_scale, sampling_steps=args.sampling_steps,
                             warmup=args.warmup, rounds=args.rounds, device=device, precision=precision,
-                            trajectory_steps=args.trajectory, compile=args.compile, cuda_graphs=args.cuda_graphs)
+                            trajectory_steps=args.trajectory, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                            sampler=args.sampler)
     if device.type == "cpu" and not args.no_memory:
         for result, spec in zip(results, args.models):
             result.peak_memory_mib = process_peak_memory_mib(spec, args.batch_size, args.cfg_scale, precision, load_options)
-    table = format_table(results, args.batch_size, args.cfg_scale, args.sampling_steps, args.trajectory)
+    table = format_table(results, args.batch_size, args.cfg_scale, args.sampling_steps, args.trajectory, args.sampler)
     return write_results(args, results, table, device, precision)
 
 
@@ -135,7 +147,7 @@ def write_results(args: argparse.Namespace, results: list, table: str, device: t
     return 0
 
 def format_table(results: list[SpeedResult], batch_size: int, cfg_scale: float, sampling_steps: int,
-                 trajectory: int | None = None) -> str:
+                 trajectory: int | None = None, sampler: str | None = None) -> str:
     lines = [
         f"| model | blocks | parameters | FLOPs / step | latency / step (ms) | images/s ({sampling_steps} steps) | peak memory (MiB) | speed-up |",
         "|---|---|---|---|---|---|---|---|",
@@ -149,7 +161,8 @@ def format_table(results: list[SpeedResult], batch_size: int, cfg_scale: float, 
     lines += ["", f"Batch {batch_size}, {guided}; latency = median over interleaved rounds (± half the interquartile "
               "range); speed-up = latency of the first model / latency of this one, from the same run."]
     if trajectory:
-        lines[-1] += (f" Each round timed a whole {trajectory}-step sampling run per model (DDIM / Euler from fixed noise): "
+        how = f"{sampler}" if sampler else "the default sampler, DDIM / Heun"
+        lines[-1] += (f" Each round timed a whole {trajectory}-step sampling run per model ({how}, from fixed noise): "
                       "latency and FLOPs are means per step over it, FLOPs counted from the decisions each model made.")
     return "\n".join(lines)
 

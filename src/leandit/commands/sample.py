@@ -16,15 +16,18 @@ from ..diffusion import GaussianDiffusion, LinearFlow, MaskedDiffusion
 from ..data.vae import load_vae
 from ..devices import check_compile, check_cuda_graphs, compile_for_sampling, resolve_precision, warn_slow_bf16
 from ..diffusion import make_objective
+from ..diffusion.sit_samplers import LAST_STEPS, SDE_FORMS, ODESettings, SDESettings
+from ..diffusion.solvers import SOLVERS, SPACINGS, SolverSettings
 from ..evaluate.inpainting import InpaintingRun
 from ..models.inpaint import SPEC_HELP
 from ..evaluate.sample_run import PartPlan, assemble, check_settings, first_images, make_parts, write_settings
-from ..evaluate.sampling import (CFG_SCHEDULES, check_sampling_options, check_vae_fits, generate, latent_scale_of, make_labels,
-                                 masked_options, refuse_masked_only_options, save_grid, to_uint8_images)
+from ..evaluate.sampling import (CFG_SCHEDULES, check_sampling_options, check_vae_fits, default_sampling_steps, generate,
+                                 latent_scale_of, make_labels, masked_options, refuse_masked_only_options, save_grid,
+                                 to_uint8_images)
 from ..train.distributed import barrier, setup_distributed, teardown_distributed
 from .common import add_model_options, duration, log, open_model, plural
 
-SAMPLERS = GaussianDiffusion.samplers + LinearFlow.samplers + MaskedDiffusion.samplers
+SAMPLERS = tuple(dict.fromkeys(GaussianDiffusion.samplers + LinearFlow.samplers + MaskedDiffusion.samplers))
 
 
 def add_parser(sub) -> None:
@@ -48,11 +51,14 @@ def add_parser(sub) -> None:
                    help="text-to-image models: the prompt embeddings from 'leandit encode-prompts' (image i gets prompt "
                    "i mod P; arr_1 of samples.npz holds the prompt numbers; guidance uses the file's empty prompt)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="ddpm or ddim for diffusion models, euler, heun or sde for flow models, mar for MAR models "
-                   "(default: ddim / heun / mar)")
+                   help="ddpm or ddim for diffusion models; for flow (SiT) models euler or heun (plain grid), sde "
+                   "(SiT's Euler-Maruyama SDE with its last step, the sampler of its reported FIDs) or dopri5 (SiT's "
+                   "adaptive ODE); for both dpm++2m (DPM-Solver++ 2M) or unipc (diffusers' schedulers); mar for MAR "
+                   "models (default: ddim / heun / mar)")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: 50 for ddim and flow samplers, 250 for ddpm); for MAR the unmasking "
-                   "iterations, 1 to the number of tokens (default 64, or one per token when fewer)")
+                   help="sampling steps (default: 250 for ddpm and sde, 20 for dpm++2m and unipc, 50 otherwise; for sde "
+                   "the model evaluations, for dopri5 the times of SiT's output grid); for MAR the unmasking iterations, "
+                   "1 to the number of tokens (default 64, or one per token when fewer)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale; 1 = no guidance (default 1)")
     p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
                    help="MAR: the guidance scale over the iterations: linear (1 rising to --cfg-scale as tokens are known, "
@@ -65,6 +71,21 @@ def add_parser(sub) -> None:
     p.add_argument("--guided-channels", type=int, default=None,
                    help="guide only the first K prediction channels (the original DiT guides 3 of 4); default: all")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 = deterministic (default 0)")
+    sit = p.add_argument_group("SiT's samplers (--sampler sde / dopri5; defaults: SiT's sample.py)")
+    sit.add_argument("--sde-form", choices=SDE_FORMS, default=None, help="form of the SDE's diffusion w(t) (default sigma: 1 - t)")
+    sit.add_argument("--sde-norm", type=float, default=None, help="multiplier of w(t) (default 1)")
+    sit.add_argument("--last-step", choices=LAST_STEPS, default=None,
+                     help="the SDE's last step: mean (drift, no noise), tweedie (posterior mean), euler (velocity) or "
+                     "none (integrate to t = 1) (default mean)")
+    sit.add_argument("--last-step-size", type=float, default=None, help="size of the last step (default 0.04)")
+    sit.add_argument("--sample-eps", type=float, default=None, help="start of the SBDM form's time grid (default 0; SBDM needs > 0)")
+    sit.add_argument("--atol", type=float, default=None, help="dopri5 absolute tolerance (default 1e-6)")
+    sit.add_argument("--rtol", type=float, default=None, help="dopri5 relative tolerance (default 1e-3)")
+    fast = p.add_argument_group("multistep solvers (--sampler dpm++2m / unipc; defaults: diffusers')")
+    fast.add_argument("--spacing", choices=SPACINGS, default=None, help="diffusers' timestep spacing (default linspace)")
+    fast.add_argument("--karras", action="store_true", default=None, help="Karras et al.'s sigma spacing instead")
+    fast.add_argument("--flow-shift", type=float, default=None,
+                      help="flow models: shift of the flow-matching sigmas (SD3: 3; default 1 = none)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--vae", type=Path, default=None,
@@ -110,6 +131,35 @@ def _check_plain_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--eta applies to --sampler ddim only, not {args.sampler}")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file: pass a folder")
+
+
+def sit_sampler_settings(args: argparse.Namespace, sampler: str) -> tuple[SDESettings | None, ODESettings | None]:
+    """The SDE or ODE settings of --sampler sde / dopri5 from the options (SiT's defaults for
+    those not given); an option for the other sampler, or for none, is refused."""
+    sde_given = {k: getattr(args, a) for k, a in (("form", "sde_form"), ("norm", "sde_norm"), ("last_step", "last_step"),
+                                                   ("last_step_size", "last_step_size"), ("sample_eps", "sample_eps"))
+                 if getattr(args, a) is not None}
+    ode_given = {k: getattr(args, k) for k in ("atol", "rtol") if getattr(args, k) is not None}
+    for given, owner in ((sde_given, "sde"), (ode_given, "dopri5")):
+        if given and sampler != owner:
+            names = ", ".join("--" + (k if owner == "dopri5" else {"form": "sde-form", "norm": "sde-norm"}.get(k, k)).replace("_", "-")
+                              for k in given)
+            raise ValueError(f"{names} apply to --sampler {owner}, not {sampler}")
+    sde = SDESettings(**sde_given) if sampler == "sde" else None
+    ode = ODESettings(**ode_given) if sampler == "dopri5" else None
+    return sde, ode
+
+
+def solver_settings(args: argparse.Namespace, sampler: str, objective: str) -> SolverSettings | None:
+    """The multistep solvers' settings (diffusers' defaults for those not given); refused for
+    other samplers, and --flow-shift for diffusion models."""
+    given = {k: getattr(args, k) for k in ("spacing", "karras", "flow_shift") if getattr(args, k) is not None}
+    if given and sampler not in SOLVERS:
+        names = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{names} apply to --sampler dpm++2m or unipc, not {sampler}")
+    if "flow_shift" in given and objective != "flow":
+        raise ValueError(f"--flow-shift applies to flow (SiT) models; this one is a {objective} model")
+    return SolverSettings(**given) if sampler in SOLVERS else None
 
 
 def _check_model_options(args: argparse.Namespace, spec, sampler: str, steps: int) -> None:
@@ -161,9 +211,11 @@ def run(args: argparse.Namespace) -> int:
         sampler = check_sampling_options(spec, args.sampler, args.cfg_scale, conditions.conditioning)
         refuse_masked_only_options(spec, temperature=args.temperature, cfg_schedule=args.cfg_schedule, head_steps=args.head_steps)
         mar = masked_options(spec, args.steps, args.temperature, args.cfg_schedule, args.head_steps) if spec.objective == "masked" else {}
-        steps = mar.pop("num_iter") if mar else args.steps if args.steps is not None else (250 if sampler == "ddpm" else 50)
+        steps = mar.pop("num_iter") if mar else args.steps if args.steps is not None else default_sampling_steps(sampler)
         _check_model_options(args, spec, sampler, steps)
         guided_channels = None if args.guided_channels == spec.channels_to_guide else args.guided_channels
+        sde, ode = sit_sampler_settings(args, sampler)
+        solver = solver_settings(args, sampler, spec.objective)
         labels = torch.from_numpy(inpaint.labels) if inpaint else conditions.labels(args.num_samples, args.seed)
         plan = PartPlan(inpaint.num if inpaint else args.num_samples, args.part_size)
         settings = {
@@ -174,6 +226,12 @@ def run(args: argparse.Namespace) -> int:
         }
         if mar:  # MAR's own settings (absent for other models, whose older folders resume as before)
             settings.update(mar)
+        if sde is not None:  # the sampler's own settings (absent for the others: older folders resume as before)
+            settings["sde"] = sde.record()
+        if ode is not None:
+            settings["ode"] = ode.record()
+        if solver is not None:
+            settings["solver"] = solver.record()
         if args.precision != "fp32":  # absent at the default: older folders resume as before
             settings["precision"] = args.precision
         if args.prompts is not None:
@@ -202,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
             return generate(model, conditions.condition(labels[indices.start : indices.stop]), sampler=sampler, steps=steps,
                             cfg_scale=args.cfg_scale, guided_channels=guided_channels, eta=args.eta, seed=args.seed,
                             indices=indices, batch_size=args.batch_size, progress=False, conditioning=conditions.conditioning,
-                            **mar)
+                            sde=sde, ode=ode, solver=solver, **mar)
 
         started = time.perf_counter()
         mine = plan.parts_of(dist.rank, dist.world_size)

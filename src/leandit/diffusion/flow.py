@@ -3,8 +3,8 @@
 SiT's time runs from noise to data: x_t = t * x_1 + (1 - t) * x_0 with x_0 ~ N(0, I) noise
 and x_1 the data, so t = 0 is pure noise and t = 1 is data. The network receives the
 continuous t in [0, 1] through the same timestep embedder as DiT and predicts the velocity
-v = x_1 - x_0. Samplers integrate dx/dt = v(x, t) from t = 0 to 1 (Euler, Heun) or the
-matching SDE with a diffusion term that vanishes at the data end.
+v = x_1 - x_0. Samplers integrate dx/dt = v(x, t) from t = 0 to 1 on a plain grid (Euler,
+Heun), with SiT's adaptive dopri5, or SiT's SDE with its last step (`sit_samplers`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .gaussian import mean_flat, upcast
+from .sit_samplers import ODESettings, SDESettings, sample_ode, sample_sde
+from .solvers import SOLVERS, SolverSettings, flow_time, make_scheduler, solve
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[], torch.Tensor]
@@ -25,19 +27,17 @@ class LinearFlow:
 
     Args:
         train_eps: training times are uniform in [train_eps, 1 - train_eps].
-        sde_diffusion: scale g0 of the SDE sampler's diffusion g(t)^2 = g0 * (1 - t); the
-            default 2 is SiT's default ("sigma" form, norm 1).
     """
 
     kind = "flow"
-    samplers = ("euler", "heun", "sde")
+    samplers = ("euler", "heun", "sde", "dopri5", "dpm++2m", "unipc")
     default_sampler = "heun"
+    default_steps = {"sde": 250, "dpm++2m": 20, "unipc": 20}  # SiT's SDE, diffusers' solvers; the others 50
 
-    def __init__(self, train_eps: float = 0.0, sde_diffusion: float = 2.0):
+    def __init__(self, train_eps: float = 0.0):
         if not 0.0 <= train_eps < 0.5:
             raise ValueError(f"train_eps must be in [0, 0.5), got {train_eps}")
         self.train_eps = train_eps
-        self.sde_diffusion = sde_diffusion
 
     def sample_timesteps(self, n: int, random) -> torch.Tensor:
         return self.train_eps + (1 - 2 * self.train_eps) * random.rand()
@@ -78,38 +78,58 @@ class LinearFlow:
         steps: int | None = None,
         clip_denoised: bool = False,
         progress: bool = False,
+        sde: SDESettings | None = None,
+        ode: ODESettings | None = None,
+        solver: SolverSettings | None = None,
     ) -> torch.Tensor:
-        """Integrate from t = 0 (x = noise()) to t = 1 in `steps` equal steps (default 50).
+        """Integrate from t = 0 (x = noise()) to t = 1.
 
-        Heun uses two model evaluations per step. The SDE sampler (Euler-Maruyama) adds
-        g(t) dW with g^2 = g0 (1 - t) and the matching score correction to the drift,
-        v + g^2/2 * score, where score = -(x - t v) / (1 - t) for this interpolant; the
-        product stays finite up to t = 1.
+        euler, heun: `steps` equal steps (default 50; Heun evaluates the model twice per
+        step), the same as SiT's fixed-grid ODE solvers euler and heun2 with num_steps =
+        steps + 1 (SiT's grid holds num_steps times). sde: SiT's SDE sampler with `sde`'s
+        options (default 250 model evaluations, the last a 0.04 "mean" step). dopri5: SiT's
+        adaptive ODE solver with `ode`'s tolerances on its grid of `steps` times. dpm++2m,
+        unipc: diffusers' multistep solvers on flow-matching sigmas (`solver`'s spacing and
+        shift; default 20 model evaluations).
         """
         if sampler not in self.samplers:
             raise ValueError(f"unknown flow sampler {sampler!r}; choose one of {self.samplers}")
-        steps = 50 if steps is None else int(steps)
+        steps = self.default_steps.get(sampler, 50) if steps is None else int(steps)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        x = noise()
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.velocity(model_fn, x, t)
+
+        with torch.no_grad():
+            if sampler == "sde":
+                x = sample_sde(velocity, noise, steps, sde or SDESettings())
+            elif sampler == "dopri5":
+                x = sample_ode(velocity, noise(), steps, ode or ODESettings())
+            elif sampler in SOLVERS:
+                scheduler = make_scheduler(sampler, solver or SolverSettings(), clip_denoised=clip_denoised)
+
+                def predict(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+                    return -velocity(x, torch.full((x.shape[0],), flow_time(timestep), device=x.device))  # noise - data
+
+                x = solve(scheduler, predict, noise(), steps)
+            else:
+                x = self._fixed_grid(velocity, noise(), sampler, steps, progress)
+        if clip_denoised:
+            x = x.clamp(-1, 1)
+        return x
+
+    @staticmethod
+    def _fixed_grid(velocity, x: torch.Tensor, sampler: str, steps: int, progress: bool) -> torch.Tensor:
         times = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
         for i in tqdm(range(steps), disable=not progress, desc=sampler, leave=False):
             t0, t1 = float(times[i]), float(times[i + 1])
             dt = t1 - t0
             t = torch.full((x.shape[0],), t0, device=x.device)
-            with torch.no_grad():
-                v = self.velocity(model_fn, x, t)
-                if sampler == "euler":
-                    x = x + dt * v
-                elif sampler == "heun":
-                    x_next = x + dt * v
-                    v_next = self.velocity(model_fn, x_next, torch.full_like(t, t1))
-                    x = x + 0.5 * dt * (v + v_next)
-                else:
-                    drift = v - 0.5 * self.sde_diffusion * (x - t0 * v)
-                    x = x + dt * drift
-                    if i < steps - 1:  # the last step ends on the data: no new noise
-                        x = x + (self.sde_diffusion * (1 - t0) * dt) ** 0.5 * noise()
-        if clip_denoised:
-            x = x.clamp(-1, 1)
+            v = velocity(x, t)
+            if sampler == "euler":
+                x = x + dt * v
+            else:
+                v_next = velocity(x + dt * v, torch.full_like(t, t1))
+                x = x + 0.5 * dt * (v + v_next)
         return x

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .solvers import SOLVERS, SolverSettings, make_scheduler, solve
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[], torch.Tensor]
 
@@ -130,7 +132,7 @@ class GaussianDiffusion:
     """
 
     kind = "diffusion"
-    samplers = ("ddpm", "ddim")
+    samplers = ("ddpm", "ddim", "dpm++2m", "unipc")
     default_sampler = "ddim"
 
     def __init__(
@@ -334,14 +336,17 @@ class GaussianDiffusion:
         clip_denoised: bool = False,
         temperature: float = 1.0,
         progress: bool = False,
+        solver: SolverSettings | None = None,
     ) -> torch.Tensor:
         """Run the reverse process from x_T = noise() to x_0.
 
         Args:
             noise: returns a fresh standard normal tensor of the sample shape at each call.
-            sampler: "ddpm" (ancestral, uses the learned variance) or "ddim" (eta = 0:
-                deterministic).
-            steps: respace to this many steps (or a respacing spec); default: all.
+            sampler: "ddpm" (ancestral, uses the learned variance), "ddim" (eta = 0:
+                deterministic), or diffusers' multistep "dpm++2m" (DPM-Solver++ 2M) and
+                "unipc" on this process's betas, with `solver`'s spacing options.
+            steps: respace to this many steps (or a respacing spec); default: all. For the
+                multistep solvers: model evaluations (default 20).
             clip_denoised: clamp the predicted x0 to [-1, 1] (pixel-space models); DDIM then
                 uses the epsilon implied by the clamped x0.
             temperature: multiplies the noise of every DDPM step (not the starting noise), as
@@ -349,6 +354,8 @@ class GaussianDiffusion:
         """
         if sampler not in self.samplers:
             raise ValueError(f"unknown diffusion sampler {sampler!r}; choose one of {self.samplers}")
+        if sampler in SOLVERS:
+            return self._solve(model_fn, noise(), sampler, 20 if steps is None else int(steps), clip_denoised, solver)
         process = self.respaced(steps) if steps is not None and steps != self.num_timesteps else self
         x = noise()
         for i in tqdm(range(process.num_timesteps - 1, -1, -1), disable=not progress, desc=sampler, leave=False):
@@ -360,6 +367,20 @@ class GaussianDiffusion:
             else:
                 x = process.ddim_step(out, x, t, noise, eta, clip_denoised)
         return x
+
+    def _solve(self, model_fn: ModelFn, x: torch.Tensor, solver: str, steps: int, clip_denoised: bool,
+               settings: SolverSettings | None) -> torch.Tensor:
+        if self.timestep_map != list(range(self.num_timesteps)):
+            raise ValueError("the multistep solvers run on the model's own (not respaced) process: pass the steps instead")
+        scheduler = make_scheduler(solver, settings or SolverSettings(), betas=self.betas, clip_denoised=clip_denoised)
+        c = x.shape[1]
+
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return model_fn(x, torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long))[:, :c]
+
+        x = solve(scheduler, predict, x, steps)
+        return x.clamp(-1, 1) if clip_denoised else x
 
     def ddpm_step(self, out, xt, t, noise: NoiseFn, clip_denoised: bool, temperature: float = 1.0) -> torch.Tensor:
         p = self.p_mean_variance(out, xt, t, clip_denoised)

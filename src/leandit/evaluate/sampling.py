@@ -23,6 +23,8 @@ from torch import nn
 from ..backbones import BackboneSpec, Cond, Conditioning, backbone, cond_batch_size, cond_slice, cond_to
 from ..data.vae import LATENT_SCALE
 from ..diffusion import PerSampleNoise, make_objective, mix_seed
+from ..diffusion.sit_samplers import ODESettings, SDESettings
+from ..diffusion.solvers import SolverSettings
 from ..files import savez_atomically, write_atomically
 from ..models.guidance import classifier_free_guidance
 
@@ -114,6 +116,15 @@ def refuse_masked_only_options(spec: BackboneSpec, **given) -> None:
                          f"this is a {spec.family} ({spec.objective}) model")
 
 
+DEFAULT_STEPS = {"ddpm": 250, "sde": 250, "dpm++2m": 20, "unipc": 20}  # the rest: 50
+
+
+def default_sampling_steps(sampler: str) -> int:
+    """Steps of a sampler when none are asked: DDPM's and SiT's SDE's 250 (their papers'),
+    the multistep solvers' 20, 50 for DDIM and the ODE samplers."""
+    return DEFAULT_STEPS.get(sampler, 50)
+
+
 def check_sampling_options(
     spec: BackboneSpec, sampler: str | None, cfg_scale: float, conditioning: Conditioning | None = None
 ) -> str:
@@ -148,13 +159,17 @@ def generate(
     temperature: float | None = None,
     cfg_schedule: str | None = None,
     head_steps: int | str | None = None,
+    sde: SDESettings | None = None,
+    ode: ODESettings | None = None,
+    solver: SolverSettings | None = None,
 ) -> torch.Tensor:
     """Samples in the model's own space (N, C, H, W): latents, or pixels in [-1, 1].
 
     `labels` is the conditioning of each image: class ids (N,), or for a text model the
     prompt embeddings {"text": (N, L, D), "text_mask": (N, L)} with `conditioning` carrying the
     empty prompt for guidance. `indices` are the global image numbers that seed each sample's
-    noise (default 0..N-1). `eta` applies to DDIM only.
+    noise (default 0..N-1). `eta` applies to DDIM only, `sde` and `ode` (SiT's SDE and dopri5
+    options) to flow models' sde and dopri5 samplers.
 
     MAR models (objective "masked"): `steps` is the number of unmasking iterations (default
     64, or one per token when fewer), `temperature` scales the head's DDPM step noise (0: the
@@ -166,6 +181,8 @@ def generate(
     objective = make_objective(spec)
     sampler = check_sampling_options(spec, sampler, cfg_scale, conditioning)
     refuse_masked_only_options(spec, temperature=temperature, cfg_schedule=cfg_schedule, head_steps=head_steps)
+    if (sde is not None or ode is not None) and objective.kind != "flow":
+        raise ValueError(f"SDE and ODE sampler options apply to flow (SiT) models; this one is a {spec.objective} model")
     masked = objective.kind == "masked"
     if masked:
         mar = masked_options(spec, steps, temperature, cfg_schedule, head_steps)
@@ -186,7 +203,9 @@ def generate(
         if masked:
             chunks.append(adapter.generate(y, noise, cfg_scale=cfg_scale, **mar).float().cpu())
             continue
-        options = {"eta": eta} if objective.kind == "diffusion" else {}
+        options = {"eta": eta} if objective.kind == "diffusion" else {"sde": sde, "ode": ode}
+        if solver is not None:
+            options["solver"] = solver
         x = objective.sample(
             model_fn_for(model, y, cfg_scale, guided_channels, conditioning),
             lambda: noise.randn(shape),

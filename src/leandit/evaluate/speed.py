@@ -61,7 +61,8 @@ def varies_with_timestep(model: nn.Module) -> bool:
 
 
 def sampling_step(
-    model: nn.Module, batch_size: int, cfg_scale: float, device: torch.device, seed: int = 0, trajectory_steps: int | None = None
+    model: nn.Module, batch_size: int, cfg_scale: float, device: torch.device, seed: int = 0, trajectory_steps: int | None = None,
+    sampler: str | None = None,
 ) -> Callable[[], torch.Tensor]:
     """A no-argument callable that runs one sampling step of `model` on fixed random inputs,
     or, with `trajectory_steps`, a whole sampling run of that many steps (the objective's
@@ -84,7 +85,9 @@ def sampling_step(
     if trajectory_steps is None:
         return lambda: step(x, t)
     objective = make_objective(spec)
-    sampler = objective.default_sampler
+    sampler = sampler or objective.default_sampler
+    if sampler not in objective.samplers:
+        raise ValueError(f"sampler {sampler!r} does not fit a {spec.objective} model; choose one of {objective.samplers}")
     return lambda: objective.sample(step, lambda: x, sampler=sampler, steps=trajectory_steps)
 
 
@@ -126,6 +129,7 @@ def measure_speed(
     trajectory_steps: int | None = None,
     compile: bool = False,
     cuda_graphs: bool = False,
+    sampler: str | None = None,
 ) -> list[SpeedResult]:
     """Measure every model at the same settings, interleaved; speed-ups are over the first.
 
@@ -138,6 +142,7 @@ def measure_speed(
             null class).
         sampling_steps: steps of a full sampling run, for images per second.
         precision: "fp32" or "bf16" (autocast; on GPUs the usual choice).
+        sampler: with `trajectory_steps`, the sampler of the runs (default: the objective's).
         compile, cuda_graphs: time the models compiled by torch.compile (in place; the
             warm-up steps absorb the compilation), with CUDA graphs on a GPU; FLOPs are
             counted on the eager models first.
@@ -150,6 +155,8 @@ def measure_speed(
         raise ValueError("a dynamic model's cost depends on the timestep: measure it over sampling trajectories (--trajectory STEPS)")
     if trajectory_steps is not None and trajectory_steps < 1:
         raise ValueError(f"a trajectory needs at least 1 step, got {trajectory_steps}")
+    if sampler is not None and trajectory_steps is None:
+        raise ValueError("a sampler applies to whole trajectories: give trajectory_steps (--trajectory STEPS)")
     mar = [name for name, model in models if is_masked(model)]
     if mar:
         raise ValueError(f"{', '.join(mar)}: a MAR model has no single sampling step; time its whole generation loop "
@@ -160,7 +167,7 @@ def measure_speed(
     steps = []
     for name, model in models:
         model.eval().requires_grad_(False).to(device)
-        steps.append(sampling_step(model, batch_size, cfg_scale, device, trajectory_steps=trajectory_steps))
+        steps.append(sampling_step(model, batch_size, cfg_scale, device, trajectory_steps=trajectory_steps, sampler=sampler))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     flops = []
     for (name, model), step in zip(models, steps):
