@@ -18,6 +18,7 @@ from ..devices import check_compile, check_cuda_graphs, compile_for_sampling, re
 from ..diffusion import make_objective
 from ..diffusion.sit_samplers import LAST_STEPS, SDE_FORMS, ODESettings, SDESettings
 from ..diffusion.solvers import SOLVERS, SPACINGS, SolverSettings
+from ..compress.step_cache import CacheSettings, StepCache
 from ..evaluate.inpainting import InpaintingRun
 from ..models.inpaint import SPEC_HELP
 from ..evaluate.sample_run import PartPlan, assemble, check_settings, first_images, make_parts, write_settings
@@ -81,6 +82,11 @@ def add_parser(sub) -> None:
     sit.add_argument("--sample-eps", type=float, default=None, help="start of the SBDM form's time grid (default 0; SBDM needs > 0)")
     sit.add_argument("--atol", type=float, default=None, help="dopri5 absolute tolerance (default 1e-6)")
     sit.add_argument("--rtol", type=float, default=None, help="dopri5 relative tolerance (default 1e-3)")
+    cache = p.add_argument_group("step caching (training-free; composes with pruned, DyDiT and DiffCR models)")
+    cache.add_argument("--cache-interval", type=int, default=None,
+                       help="run every block only every N-th model call and reuse each block's update in between "
+                       "(FORA-style; 1 = no caching)")
+    cache.add_argument("--cache-warmup", type=int, default=None, help="first model calls of each trajectory that always run in full (default 1)")
     fast = p.add_argument_group("multistep solvers (--sampler dpm++2m / unipc; defaults: diffusers')")
     fast.add_argument("--spacing", choices=SPACINGS, default=None, help="diffusers' timestep spacing (default linspace)")
     fast.add_argument("--karras", action="store_true", default=None, help="Karras et al.'s sigma spacing instead")
@@ -150,6 +156,15 @@ def sit_sampler_settings(args: argparse.Namespace, sampler: str) -> tuple[SDESet
     return sde, ode
 
 
+def cache_settings(args: argparse.Namespace) -> CacheSettings | None:
+    """--cache-interval/--cache-warmup as settings; None without caching."""
+    if args.cache_interval is None:
+        if args.cache_warmup is not None:
+            raise ValueError("--cache-warmup applies with --cache-interval")
+        return None
+    return CacheSettings(args.cache_interval, 1 if args.cache_warmup is None else args.cache_warmup)
+
+
 def solver_settings(args: argparse.Namespace, sampler: str, objective: str) -> SolverSettings | None:
     """The multistep solvers' settings (diffusers' defaults for those not given); refused for
     other samplers, and --flow-shift for diffusion models."""
@@ -216,6 +231,9 @@ def run(args: argparse.Namespace) -> int:
         guided_channels = None if args.guided_channels == spec.channels_to_guide else args.guided_channels
         sde, ode = sit_sampler_settings(args, sampler)
         solver = solver_settings(args, sampler, spec.objective)
+        cache = cache_settings(args)
+        if cache is not None:
+            model = StepCache(model, cache)  # refuses MAR
         labels = torch.from_numpy(inpaint.labels) if inpaint else conditions.labels(args.num_samples, args.seed)
         plan = PartPlan(inpaint.num if inpaint else args.num_samples, args.part_size)
         settings = {
@@ -232,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
             settings["ode"] = ode.record()
         if solver is not None:
             settings["solver"] = solver.record()
+        if cache is not None:
+            settings["cache"] = cache.record()
         if args.precision != "fp32":  # absent at the default: older folders resume as before
             settings["precision"] = args.precision
         if args.prompts is not None:

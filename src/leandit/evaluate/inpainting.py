@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..compress.step_cache import reset_step_caches
 from ..backbones import backbone
 from ..diffusion import PerSampleNoise, make_objective, mix_seed
 from ..models.inpaint import InpaintModel, MaskSpec, inpaint_layer, parse_masks
@@ -100,6 +101,7 @@ def complete(
         part = slice(start, start + batch_size)
         k, m, y = known[part].to(device), mask[part].to(device), labels[part].to(device)
         noise = PerSampleNoise(seed, indices[part], device)
+        reset_step_caches(model)  # each chunk is a trajectory of its own
         with layer.inpainting(k, m):  # guidance's doubled batch tiles the context
             x = objective.sample(model_fn_for(model, y, cfg_scale, guided_channels), lambda: noise.randn(spec.input_shape),
                                  sampler=sampler or objective.default_sampler, steps=steps,

@@ -25,6 +25,7 @@ from ..data.vae import LATENT_SCALE
 from ..diffusion import PerSampleNoise, make_objective, mix_seed
 from ..diffusion.sit_samplers import ODESettings, SDESettings
 from ..diffusion.solvers import SolverSettings
+from ..compress.step_cache import reset_step_caches
 from ..files import savez_atomically, write_atomically
 from ..models.guidance import classifier_free_guidance
 
@@ -203,6 +204,7 @@ def generate(
         if masked:
             chunks.append(adapter.generate(y, noise, cfg_scale=cfg_scale, **mar).float().cpu())
             continue
+        reset_step_caches(model)  # each chunk is a trajectory of its own
         options = {"eta": eta} if objective.kind == "diffusion" else {"sde": sde, "ode": ode}
         if solver is not None:
             options["solver"] = solver

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..backbones import ClassLabels, backbone, unwrap
+from ..compress.step_cache import reset_step_caches
 from ..devices import compile_for_sampling
 from ..diffusion import PerSampleNoise, make_objective
 from ..models.flops import count_parameters, forward_flops
@@ -88,7 +89,12 @@ def sampling_step(
     sampler = sampler or objective.default_sampler
     if sampler not in objective.samplers:
         raise ValueError(f"sampler {sampler!r} does not fit a {spec.objective} model; choose one of {objective.samplers}")
-    return lambda: objective.sample(step, lambda: x, sampler=sampler, steps=trajectory_steps)
+
+    def run() -> torch.Tensor:
+        reset_step_caches(model)  # every run is a trajectory from its first step
+        return objective.sample(step, lambda: x, sampler=sampler, steps=trajectory_steps)
+
+    return run
 
 
 def seconds_of(call: Callable[[], object], device: torch.device) -> float:

@@ -43,7 +43,7 @@ class WrapperType:
 WRAPPERS: dict[str, WrapperType] = {}
 # leandit's own methods register their wrappers when imported; a folder naming one imports it.
 BUILTIN_WRAPPERS: dict[str, str] = {"dydit": "leandit.compress.dynamic", "diffcr": "leandit.compress.routing",
-                                  "inpaint": "leandit.models.inpaint"}
+                                  "inpaint": "leandit.models.inpaint", "step-cache": "leandit.compress.step_cache"}
 
 
 def register_wrapper(wrapper: WrapperType) -> WrapperType:
