@@ -116,3 +116,24 @@ def test_bench_times_whole_trajectories_under_a_chosen_sampler(tmp_path, capsys)
     assert main(["bench", str(folder), "--trajectory", "4", "--sampler", "sde", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "sampler 'sde' does not fit a diffusion model" in err and len(err.splitlines()) == 1
+
+
+def test_euler_with_a_flow_shift_is_sd3s_flow_matching_euler_schedule():
+    """diffusers' FlowMatchEulerDiscreteScheduler with shift 3 and SD3's pipeline sigmas
+    (linspace(1, 1/N, N)) on the same velocity field, in diffusers' convention."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    steps = 12
+    ours = LinearFlow().sample(gaussian_velocity(MU, S), lambda: Z.clone(), sampler="euler", steps=steps,
+                               solver=SolverSettings(flow_shift=3.0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps).tolist())
+    x = Z.clone()
+    velocity = gaussian_velocity(MU, S)
+    for t in scheduler.timesteps:
+        sit_t = torch.full((x.shape[0],), 1 - float(t) / 1000, dtype=torch.float64)
+        x = scheduler.step(-velocity(x, sit_t), t, x).prev_sample  # noise - data
+    torch.testing.assert_close(ours, x.to(ours.dtype), rtol=1e-5, atol=1e-5)
+    plain = LinearFlow().sample(gaussian_velocity(MU, S), lambda: Z.clone(), sampler="euler", steps=steps)
+    assert not torch.allclose(ours, plain)

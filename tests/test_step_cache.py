@@ -130,3 +130,19 @@ def test_settings_and_misuse_are_refused(tmp_path, capsys):
     assert main(base) == 2  # a folder made with caching is not continued without it
     assert "--cache was" in capsys.readouterr().err
     assert backbone(StepCache(tiny_model())).spec.depth == 2  # the backbone interface sees through it
+
+
+def test_bench_puts_a_model_beside_its_cached_self(tmp_path, capsys):
+    from leandit.cli import main
+
+    torch.manual_seed(0)
+    folder = tmp_path / "m"
+    leandit.save_model(dense(), folder)
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(folder), str(folder), "--trajectory", "6", "--cache-interval", "1,3", "--rounds", "1",
+                 "--warmup", "0", "--no-memory", "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[1]["name"].endswith("(cache every 3)") and rows[1]["flops_per_step"] < 0.6 * rows[0]["flops_per_step"]
+    capsys.readouterr()
+    assert main(["bench", str(folder), "--cache-interval", "2", "--device", "cpu"]) == 2
+    assert "add --trajectory" in capsys.readouterr().err

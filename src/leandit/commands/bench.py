@@ -5,6 +5,7 @@ their whole generation loop per image, split into the transformer blocks, the he
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..compress.step_cache import CacheSettings, StepCache
 from ..diffusion import make_objective
 from ..evaluate.model_specs import open_spec
 from ..evaluate.plots import plot_speedup_curve
@@ -52,6 +54,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sampler", default=None,
                    help="--trajectory: the sampler of the runs, any of `leandit sample`'s for the model (default: ddim for "
                    "diffusion models, heun for flow models)")
+    p.add_argument("--cache-interval", default=None, metavar="N[,N...]",
+                   help="--trajectory: step caching every N model calls (1 = none), one value for every model or one per "
+                   "model, so `bench A A --trajectory 50 --cache-interval 1,2` puts A beside A cached")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per model first (default 3; MAR: 1 whole loop)")
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds; each times every model once, in turn (default 10; MAR: 3 whole loops)")
@@ -113,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     args.sampling_steps = args.sampling_steps or 250
     args.warmup = 3 if args.warmup is None else args.warmup
     args.rounds = args.rounds or 10
+    models = _with_caches(models, args.cache_interval, args.trajectory)
     if args.trajectory is None and any(varies_with_timestep(m) for _, m in models):
         raise ValueError("a dynamic (DyDiT) model's cost depends on the timestep: pass --trajectory STEPS "
                          "(e.g. --trajectory 50) to time whole sampling runs")
@@ -146,6 +152,32 @@ def write_results(args: argparse.Namespace, results: list, table: str, device: t
                                                      "rows": [r.to_dict() for r in results]}, indent=2) + "\n")
     return 0
 
+def _with_caches(models: list, intervals: str | None, trajectory: int | None) -> list:
+    """The models, each wrapped in its step cache of --cache-interval (1: left as it is)."""
+    if intervals is None:
+        return models
+    if trajectory is None:
+        raise ValueError("--cache-interval applies to whole sampling runs: add --trajectory STEPS")
+    try:
+        values = [int(v) for v in intervals.split(",")]
+    except ValueError:
+        raise ValueError(f"--cache-interval takes whole numbers, one or one per model; got {intervals!r}") from None
+    if len(values) == 1:
+        values *= len(models)
+    if len(values) != len(models):
+        raise ValueError(f"--cache-interval has {len(values)} values for {len(models)} models: give one, or one per model")
+    wrapped = []
+    for (spec, model), interval in zip(models, values):
+        settings = CacheSettings(interval=interval)  # refuses 0
+        if interval == 1:
+            wrapped.append((spec, model))
+        else:
+            # The same model listed twice must not share one cache's hooks.
+            inner = copy.deepcopy(model) if any(m is model for _, m in wrapped) else model
+            wrapped.append((f"{spec} (cache every {interval})", StepCache(inner, settings)))
+    return wrapped
+
+
 def format_table(results: list[SpeedResult], batch_size: int, cfg_scale: float, sampling_steps: int,
                  trajectory: int | None = None, sampler: str | None = None) -> str:
     lines = [
@@ -172,6 +204,9 @@ def _run_mar(args: argparse.Namespace, models: list, device, precision: str, loa
     if args.compile or args.cuda_graphs:
         raise ValueError(f"{'--compile' if args.compile else '--cuda-graphs'} applies to DiT/SiT/diffusers sampling steps; "
                          "a MAR generation loop (masks, orders, the head's own loop) is timed eager: leave it out")
+    if args.cache_interval is not None or args.sampler is not None:
+        raise ValueError(f"{'--cache-interval' if args.cache_interval is not None else '--sampler'} applies to DiT/SiT/diffusers "
+                         "trajectories; a MAR model runs its own unmasking loop")
     if args.trajectory is not None or args.curve is not None:
         raise ValueError(f"{'--trajectory' if args.trajectory is not None else '--curve'} applies to DiT/SiT models; a MAR "
                          "model is always timed over whole generation loops (compare pruned folders or "

@@ -16,9 +16,7 @@ from ..diffusion import GaussianDiffusion, LinearFlow, MaskedDiffusion
 from ..data.vae import load_vae
 from ..devices import check_compile, check_cuda_graphs, compile_for_sampling, resolve_precision, warn_slow_bf16
 from ..diffusion import make_objective
-from ..diffusion.sit_samplers import LAST_STEPS, SDE_FORMS, ODESettings, SDESettings
-from ..diffusion.solvers import SOLVERS, SPACINGS, SolverSettings
-from ..compress.step_cache import CacheSettings, StepCache
+from ..compress.step_cache import StepCache
 from ..evaluate.inpainting import InpaintingRun
 from ..models.inpaint import SPEC_HELP
 from ..evaluate.sample_run import PartPlan, assemble, check_settings, first_images, make_parts, write_settings
@@ -27,6 +25,7 @@ from ..evaluate.sampling import (CFG_SCHEDULES, check_sampling_options, check_va
                                  to_uint8_images)
 from ..train.distributed import barrier, setup_distributed, teardown_distributed
 from .common import add_model_options, duration, log, open_model, plural
+from .sampler_options import add_sampler_options, cache_settings, sit_sampler_settings, solver_settings
 
 SAMPLERS = tuple(dict.fromkeys(GaussianDiffusion.samplers + LinearFlow.samplers + MaskedDiffusion.samplers))
 
@@ -72,26 +71,7 @@ def add_parser(sub) -> None:
     p.add_argument("--guided-channels", type=int, default=None,
                    help="guide only the first K prediction channels (the original DiT guides 3 of 4); default: all")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 = deterministic (default 0)")
-    sit = p.add_argument_group("SiT's samplers (--sampler sde / dopri5; defaults: SiT's sample.py)")
-    sit.add_argument("--sde-form", choices=SDE_FORMS, default=None, help="form of the SDE's diffusion w(t) (default sigma: 1 - t)")
-    sit.add_argument("--sde-norm", type=float, default=None, help="multiplier of w(t) (default 1)")
-    sit.add_argument("--last-step", choices=LAST_STEPS, default=None,
-                     help="the SDE's last step: mean (drift, no noise), tweedie (posterior mean), euler (velocity) or "
-                     "none (integrate to t = 1) (default mean)")
-    sit.add_argument("--last-step-size", type=float, default=None, help="size of the last step (default 0.04)")
-    sit.add_argument("--sample-eps", type=float, default=None, help="start of the SBDM form's time grid (default 0; SBDM needs > 0)")
-    sit.add_argument("--atol", type=float, default=None, help="dopri5 absolute tolerance (default 1e-6)")
-    sit.add_argument("--rtol", type=float, default=None, help="dopri5 relative tolerance (default 1e-3)")
-    cache = p.add_argument_group("step caching (training-free; composes with pruned, DyDiT and DiffCR models)")
-    cache.add_argument("--cache-interval", type=int, default=None,
-                       help="run every block only every N-th model call and reuse each block's update in between "
-                       "(FORA-style; 1 = no caching)")
-    cache.add_argument("--cache-warmup", type=int, default=None, help="first model calls of each trajectory that always run in full (default 1)")
-    fast = p.add_argument_group("multistep solvers (--sampler dpm++2m / unipc; defaults: diffusers')")
-    fast.add_argument("--spacing", choices=SPACINGS, default=None, help="diffusers' timestep spacing (default linspace)")
-    fast.add_argument("--karras", action="store_true", default=None, help="Karras et al.'s sigma spacing instead")
-    fast.add_argument("--flow-shift", type=float, default=None,
-                      help="flow models: shift of the flow-matching sigmas (SD3: 3; default 1 = none)")
+    add_sampler_options(p)
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--vae", type=Path, default=None,
@@ -137,44 +117,6 @@ def _check_plain_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--eta applies to --sampler ddim only, not {args.sampler}")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file: pass a folder")
-
-
-def sit_sampler_settings(args: argparse.Namespace, sampler: str) -> tuple[SDESettings | None, ODESettings | None]:
-    """The SDE or ODE settings of --sampler sde / dopri5 from the options (SiT's defaults for
-    those not given); an option for the other sampler, or for none, is refused."""
-    sde_given = {k: getattr(args, a) for k, a in (("form", "sde_form"), ("norm", "sde_norm"), ("last_step", "last_step"),
-                                                   ("last_step_size", "last_step_size"), ("sample_eps", "sample_eps"))
-                 if getattr(args, a) is not None}
-    ode_given = {k: getattr(args, k) for k in ("atol", "rtol") if getattr(args, k) is not None}
-    for given, owner in ((sde_given, "sde"), (ode_given, "dopri5")):
-        if given and sampler != owner:
-            names = ", ".join("--" + (k if owner == "dopri5" else {"form": "sde-form", "norm": "sde-norm"}.get(k, k)).replace("_", "-")
-                              for k in given)
-            raise ValueError(f"{names} apply to --sampler {owner}, not {sampler}")
-    sde = SDESettings(**sde_given) if sampler == "sde" else None
-    ode = ODESettings(**ode_given) if sampler == "dopri5" else None
-    return sde, ode
-
-
-def cache_settings(args: argparse.Namespace) -> CacheSettings | None:
-    """--cache-interval/--cache-warmup as settings; None without caching."""
-    if args.cache_interval is None:
-        if args.cache_warmup is not None:
-            raise ValueError("--cache-warmup applies with --cache-interval")
-        return None
-    return CacheSettings(args.cache_interval, 1 if args.cache_warmup is None else args.cache_warmup)
-
-
-def solver_settings(args: argparse.Namespace, sampler: str, objective: str) -> SolverSettings | None:
-    """The multistep solvers' settings (diffusers' defaults for those not given); refused for
-    other samplers, and --flow-shift for diffusion models."""
-    given = {k: getattr(args, k) for k in ("spacing", "karras", "flow_shift") if getattr(args, k) is not None}
-    if given and sampler not in SOLVERS:
-        names = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise ValueError(f"{names} apply to --sampler dpm++2m or unipc, not {sampler}")
-    if "flow_shift" in given and objective != "flow":
-        raise ValueError(f"--flow-shift applies to flow (SiT) models; this one is a {objective} model")
-    return SolverSettings(**given) if sampler in SOLVERS else None
 
 
 def _check_model_options(args: argparse.Namespace, spec, sampler: str, steps: int) -> None:

@@ -86,7 +86,9 @@ class LinearFlow:
 
         euler, heun: `steps` equal steps (default 50; Heun evaluates the model twice per
         step), the same as SiT's fixed-grid ODE solvers euler and heun2 with num_steps =
-        steps + 1 (SiT's grid holds num_steps times). sde: SiT's SDE sampler with `sde`'s
+        steps + 1 (SiT's grid holds num_steps times); with `solver.flow_shift` s the steps
+        follow SD3's shifted flow-matching schedule (diffusers' FlowMatchEulerDiscreteScheduler
+        with shift s, as SD3's pipeline sets its sigmas). sde: SiT's SDE sampler with `sde`'s
         options (default 250 model evaluations, the last a 0.04 "mean" step). dopri5: SiT's
         adaptive ODE solver with `ode`'s tolerances on its grid of `steps` times. dpm++2m,
         unipc: diffusers' multistep solvers on flow-matching sigmas (`solver`'s spacing and
@@ -114,14 +116,18 @@ class LinearFlow:
 
                 x = solve(scheduler, predict, noise(), steps)
             else:
-                x = self._fixed_grid(velocity, noise(), sampler, steps, progress)
+                shift = solver.flow_shift if solver is not None else 1.0
+                x = self._fixed_grid(velocity, noise(), sampler, steps, progress, shift)
         if clip_denoised:
             x = x.clamp(-1, 1)
         return x
 
     @staticmethod
-    def _fixed_grid(velocity, x: torch.Tensor, sampler: str, steps: int, progress: bool) -> torch.Tensor:
+    def _fixed_grid(velocity, x: torch.Tensor, sampler: str, steps: int, progress: bool, shift: float = 1.0) -> torch.Tensor:
         times = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+        if shift != 1.0:  # SD3's schedule: sigma = 1 - t shifted to s sigma / (1 + (s - 1) sigma)
+            sigmas = 1 - times
+            times = 1 - shift * sigmas / (1 + (shift - 1) * sigmas)
         for i in tqdm(range(steps), disable=not progress, desc=sampler, leave=False):
             t0, t1 = float(times[i]), float(times[i + 1])
             dt = t1 - t0
