@@ -322,7 +322,7 @@ class LeanditSteps:
         # compiles its teacher.
         self.train_module = torch.compile(job.module) if compile else job.module
         if compile:
-            job.compile_frozen("inductor")
+            job.prepare_compile("inductor")
 
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
         self.trainer.config.global_batch_size = x.shape[0]

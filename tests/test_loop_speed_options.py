@@ -95,9 +95,9 @@ def test_compile_compiles_the_teacher_in_place():
     teacher = tiny_model(depth=4)
     job = RecoveryJob(keep_blocks(teacher, [1, 3]), copy.deepcopy(teacher), RecoverySettings(), teacher_layers=[1, 3])
     names = list(job.teacher.state_dict())
-    job.compile_frozen("aot_eager")
+    job.prepare_compile("aot_eager")
     assert job.teacher._compiled_call_impl is not None and list(job.teacher.state_dict()) == names
-    assert TrainingJob.compile_frozen(job, "aot_eager") is None  # the default has nothing to compile
+    assert TrainingJob.prepare_compile(job, "aot_eager") is None  # the default has nothing to compile
 
 
 def test_bf16_attention_on_a_cpu_runs_in_float32_and_returns_bf16():
@@ -207,3 +207,14 @@ def test_a_compiled_model_samples_what_the_eager_one_does_and_bench_times_it(tmp
         torch.testing.assert_close(model(x, t, y), eager, rtol=1e-4, atol=1e-5)
     compile_for_sampling(model, torch.device("cpu"))  # again: still one module, no wrapper
     assert "_orig_mod" not in "".join(model.state_dict())
+
+
+def test_compile_turns_the_automatic_skip_off_and_keeps_an_asked_one():
+    from leandit.compress.depth import LearnablePruningJob, LearnableSettings
+
+    for choice, expected in (("auto", False), ("on", True)):
+        job = LearnablePruningJob(tiny_model(depth=4), LearnableSettings(scheme="1:2", skip_dropped_backward=choice))
+        job.setup(torch.device("cpu"))
+        assert job.module.skip_dropped  # both on for a CPU
+        job.prepare_compile("aot_eager")  # the per-block splits would recompile every step
+        assert job.module.skip_dropped is expected

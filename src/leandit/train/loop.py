@@ -133,9 +133,10 @@ class TrainingJob(ABC):
     def compute_loss(self, module: nn.Module, batch: Any, random: StepRandom) -> tuple[torch.Tensor, dict[str, Any]]:
         """The scalar loss of this process's share of the batch, and scalars to log."""
 
-    def compile_frozen(self, backend: str) -> None:
-        """With --compile: compile the frozen models the job calls itself (a teacher), in
-        place; the loop compiles the trained module."""
+    def prepare_compile(self, backend: str) -> None:
+        """With --compile, before the first step: compile the frozen models the job calls
+        itself (a teacher) in place, and turn off what would recompile every step; the loop
+        compiles the trained module."""
 
     def on_step_start(self, step: int, total_steps: int) -> None:
         """Called before each step (for schedules such as a temperature)."""
@@ -281,7 +282,7 @@ class Trainer:
         train_module = self._distributed(module, job)
         if c.compile:
             train_module = torch.compile(train_module, backend=c.compile_backend)
-            job.compile_frozen(c.compile_backend)
+            job.prepare_compile(c.compile_backend)
         batches, loader = self._loader(dataset, start, end, collate_fn)
         log = _IntervalLog(self, batches, open(self.run_dir / METRICS_FILE, "a") if d.is_main else None, start)
         interrupt = _InterruptFlag()

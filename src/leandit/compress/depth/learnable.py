@@ -56,7 +56,7 @@ class LearnableSettings:
             0 without a graph (the backward then runs over the kept images only: the same
             gradients, less work); "auto" = on for CPUs, where it was measured faster, off
             for GPUs, where the per-block split was measured 1.2-1.6x slower on an H100
-            (small launches) though a quarter lighter in memory.
+            (small launches) though a quarter lighter in memory, and off with --compile.
     """
 
     scheme: str = "1:2"
@@ -115,6 +115,13 @@ class LearnablePruningJob(TrainingJob):
         super().setup(device)
         choice = self.settings.skip_dropped_backward
         self.module.skip_dropped = choice == "on" or (choice == "auto" and torch.device(device).type == "cpu")
+
+    def prepare_compile(self, backend: str) -> None:
+        # The skip splits every block's batch by this step's gates: new shapes each step, each
+        # a recompilation (a 6-step digits run took 3.5 min). "auto" gives way to the compiler;
+        # "on" is kept as asked.
+        if self.settings.skip_dropped_backward == "auto":
+            self.module.skip_dropped = False
 
     @property
     def gates(self) -> DepthGates:

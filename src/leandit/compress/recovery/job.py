@@ -147,7 +147,7 @@ class RecoveryJob(DenoisingJob):
         if self.teacher is not None:
             self.teacher.to(device=device, dtype=self.teacher_dtype)
 
-    def compile_frozen(self, backend: str) -> None:
+    def prepare_compile(self, backend: str) -> None:
         if self.teacher is not None:
             self.teacher.compile(backend=backend)  # in place: the same module, compiled calls
 
