@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .gaussian import mean_flat, upcast
 from .sit_samplers import ODESettings, SDESettings, sample_ode, sample_sde
-from .solvers import SOLVERS, SolverSettings, flow_time, make_scheduler, solve
+from .solvers import DEFAULT_SOLVER_STEPS, SOLVERS, SolverSettings, flow_time, make_scheduler, solve
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[], torch.Tensor]
@@ -32,7 +32,7 @@ class LinearFlow:
     kind = "flow"
     samplers = ("euler", "heun", "sde", "dopri5", "dpm++2m", "unipc")
     default_sampler = "heun"
-    default_steps = {"sde": 250, "dpm++2m": 20, "unipc": 20}  # SiT's SDE, diffusers' solvers; the others 50
+    default_steps = {"sde": 250, **dict.fromkeys(SOLVERS, DEFAULT_SOLVER_STEPS)}  # SiT's SDE, the solvers; the others 50
 
     def __init__(self, train_eps: float = 0.0):
         if not 0.0 <= train_eps < 0.5:

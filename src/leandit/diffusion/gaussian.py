@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .solvers import SOLVERS, SolverSettings, make_scheduler, solve
+from .solvers import DEFAULT_SOLVER_STEPS, SOLVERS, SolverSettings, make_scheduler, solve
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[], torch.Tensor]
@@ -355,7 +355,7 @@ class GaussianDiffusion:
         if sampler not in self.samplers:
             raise ValueError(f"unknown diffusion sampler {sampler!r}; choose one of {self.samplers}")
         if sampler in SOLVERS:
-            return self._solve(model_fn, noise(), sampler, 20 if steps is None else int(steps), clip_denoised, solver)
+            return self._solve(model_fn, noise(), sampler, DEFAULT_SOLVER_STEPS if steps is None else int(steps), clip_denoised, solver)
         process = self.respaced(steps) if steps is not None and steps != self.num_timesteps else self
         x = noise()
         for i in tqdm(range(process.num_timesteps - 1, -1, -1), disable=not progress, desc=sampler, leave=False):

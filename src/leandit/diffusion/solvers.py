@@ -18,6 +18,7 @@ import torch
 SOLVERS = ("dpm++2m", "unipc")
 SPACINGS = ("linspace", "leading", "trailing")
 FLOW_TRAIN_STEPS = 1000  # diffusers' flow schedulers count sigma in thousandths
+DEFAULT_SOLVER_STEPS = 20  # model evaluations when none are asked
 
 ModelOutputFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, scheduler timestep) -> its prediction
 

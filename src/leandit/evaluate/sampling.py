@@ -24,7 +24,7 @@ from ..backbones import BackboneSpec, Cond, Conditioning, backbone, cond_batch_s
 from ..data.vae import LATENT_SCALE
 from ..diffusion import PerSampleNoise, make_objective, mix_seed
 from ..diffusion.sit_samplers import ODESettings, SDESettings
-from ..diffusion.solvers import SolverSettings
+from ..diffusion.solvers import DEFAULT_SOLVER_STEPS, SOLVERS, SolverSettings
 from ..compress.step_cache import reset_step_caches
 from ..files import savez_atomically, write_atomically
 from ..models.guidance import classifier_free_guidance
@@ -117,7 +117,7 @@ def refuse_masked_only_options(spec: BackboneSpec, **given) -> None:
                          f"this is a {spec.family} ({spec.objective}) model")
 
 
-DEFAULT_STEPS = {"ddpm": 250, "sde": 250, "dpm++2m": 20, "unipc": 20}  # the rest: 50
+DEFAULT_STEPS = {"ddpm": 250, "sde": 250, **dict.fromkeys(SOLVERS, DEFAULT_SOLVER_STEPS)}  # the rest: 50
 
 
 def default_sampling_steps(sampler: str) -> int:
